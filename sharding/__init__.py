@@ -1,0 +1,1 @@
+"""Meshes, partition rules and the pipeline schedule (imports only jax)."""
