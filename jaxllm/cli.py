@@ -1,0 +1,117 @@
+"""`jaxllm generate ...`: text generation from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from jaxllm.errors import JaxLLMError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxllm", description="LLM inference on JAX/XLA")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("--model", default="smollm2-135m", help="name, .gguf file or HF directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--attention", default="auto")
+    g.add_argument("--json", action="store_true", help="print token ids and timings as JSON")
+    return p
+
+
+def _generate(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    from jaxllm.llm import LLM
+    from jaxllm.sampling import SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    llm = LLM(args.model, dtype=args.dtype, attention=args.attention, log=log)
+    tok = llm._require_tokenizer()
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.prompt})
+        prompt = tok.apply_chat_template(messages)
+    else:
+        prompt = args.prompt
+    loaded = time.perf_counter()
+    first_token_at: list[float] = []
+
+    def on_first(tokens: list[int]) -> None:
+        first_token_at.append(time.perf_counter())
+        if not args.json:
+            print(tok.decode(tokens), end="", flush=True)
+
+    out = llm.generate([prompt], params, on_first_tokens=on_first)[0]
+    done = time.perf_counter()
+    t = llm.timings
+    decode_tps = t.decode_steps / t.decode_s if t.decode_s > 0 else float("nan")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": out.text,
+                    "prompt_token_ids": out.prompt_token_ids,
+                    "token_ids": out.token_ids,
+                    "finish_reason": out.finish_reason,
+                    "timings": {
+                        "load_s": loaded - start,
+                        "first_token_since_start_s": first_token_at[0] - start,
+                        "prefill_s": t.prefill_s,
+                        "decode_s": t.decode_s,
+                        "total_s": done - start,
+                        "prompt_tokens": t.prompt_tokens,
+                        "generated_tokens": t.generated_tokens,
+                        "prefill_tok_s": t.prompt_tokens / t.prefill_s,
+                        "decode_tok_s": decode_tps,
+                    },
+                }
+            )
+        )
+    else:
+        first_text = tok.decode(out.token_ids[:1])
+        print(out.text[len(first_text) :] if out.text.startswith(first_text) else out.text)
+        print(
+            f"\n[{len(out.token_ids)} tokens, finish={out.finish_reason}; "
+            f"first token {first_token_at[0] - start:.1f} s after start "
+            f"(load {loaded - start:.1f} s, prefill+compile {t.prefill_s:.1f} s); "
+            f"decode {decode_tps:.1f} tok/s incl. compile]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except JaxLLMError as e:
+        print(f"jaxllm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

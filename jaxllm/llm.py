@@ -1,0 +1,186 @@
+"""The offline Python API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.attention import resolve_backend
+from jaxllm.checkpoints.registry import cache_dir, load_model
+from jaxllm.errors import JaxLLMError
+from jaxllm.generate import Generator
+from jaxllm.model import Transformer
+from jaxllm.sampling import SamplingParams
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """One prompt's result (vLLM's shape, one completion per prompt)."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled programs under the jaxllm cache, so a second run skips compiling."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = os.environ.get("JAXLLM_XLA_CACHE", str(cache_dir() / "xla"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class LLM:
+    """A loaded model ready to generate.
+
+    Args:
+      model: `smollm2-135m`, a .gguf file, an HF directory (config.json + *.safetensors),
+        or a shapes-only config name from configs/models (random weights).
+      dtype: float32 | bfloat16 | float16 for weights and activations.
+      attention: attention backend (`auto`, `xla`; Pallas kernels register more).
+      max_batch: most sequences decoded together.
+      weight_splits: column blocks per weight matrix (see model.py); default 1.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike = "smollm2-135m",
+        dtype: str = "float32",
+        *,
+        attention: str = "auto",
+        max_batch: int = 64,
+        weight_splits: int = 1,
+        compilation_cache: bool = True,
+        log: Any = print,
+    ):
+        if dtype not in _DTYPES:
+            raise JaxLLMError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        if compilation_cache:
+            enable_compilation_cache()
+        loaded = load_model(model, log=log)
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.source = loaded.source
+        self.model = Transformer(
+            loaded.config,
+            loaded.params,
+            dtype=_DTYPES[dtype],
+            splits=weight_splits,
+            attention=resolve_backend(attention),
+            rope_factors=loaded.rope_factors,
+        )
+        del loaded
+        self.generator = Generator(self.model, max_batch=max_batch)
+        eos = list(self.config.eos_token_ids)
+        if self.tokenizer is not None:
+            eos += [t for t in self.tokenizer.eos_token_ids if t not in eos]
+        self.eos_token_ids = tuple(eos)
+
+    # ------------------------------------------------------------------ helpers
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise JaxLLMError(f"model {self.source!r} has no tokenizer; pass token ids instead")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._require_tokenizer().encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._require_tokenizer().decode(ids)
+
+    # ------------------------------------------------------------------ API
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        on_first_tokens: Any = None,
+    ) -> list[RequestOutput]:
+        """Generate for a prompt or a list of prompts (text, or lists of token ids)."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer))
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        texts: list[str | None] = []
+        ids: list[list[int]] = []
+        for p in prompts:  # type: ignore[union-attr]
+            if isinstance(p, str):
+                texts.append(p)
+                ids.append(self.encode(p))
+            else:
+                texts.append(None)
+                ids.append([int(x) for x in p])
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(ids)
+        else:
+            params = list(sampling_params)
+        gens = self.generator.generate(
+            ids, params, eos_token_ids=self.eos_token_ids, on_first_tokens=on_first_tokens
+        )
+        return [
+            RequestOutput(
+                prompt=text,
+                prompt_token_ids=pids,
+                token_ids=g.token_ids,
+                text=self.decode(g.token_ids) if self.tokenizer is not None else "",
+                finish_reason=g.finish_reason,
+            )
+            for text, pids, g in zip(texts, ids, gens)
+        ]
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]] | Sequence[Sequence[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **kwargs: Any,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {role, content}) or a list of them."""
+        tok = self._require_tokenizer()
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [tok.apply_chat_template(c, add_generation_prompt=True) for c in convs]
+        return self.generate(prompts, sampling_params, **kwargs)
+
+    @property
+    def timings(self) -> Any:
+        return self.generator.last_timings
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 logits [seq, vocab] at every position."""
+        return self.generator.logits([int(t) for t in token_ids])
+
+    def perplexity(self, text: str | Sequence[int], window: int = 512) -> float:
+        """exp(mean NLL) over non-overlapping windows of `window` tokens (no BOS added)."""
+        ids = self.encode(text) if isinstance(text, str) else [int(t) for t in text]
+        if len(ids) < 2:
+            raise JaxLLMError(f"perplexity needs at least 2 tokens, got {len(ids)}")
+        if not 2 <= window <= self.config.max_position_embeddings:
+            raise JaxLLMError(
+                f"window={window} must be in [2, {self.config.max_position_embeddings}]"
+            )
+        nll, count = 0.0, 0
+        for start in range(0, len(ids), window):
+            chunk = ids[start : start + window]
+            if len(chunk) < 2:
+                break
+            logits = self.logits(chunk).astype(np.float64)
+            logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+            logz += logits.max(-1)
+            targets = np.asarray(chunk[1:])
+            nll += float((logz[:-1] - logits[np.arange(len(chunk) - 1), targets]).sum())
+            count += len(chunk) - 1
+        return math.exp(nll / count)
