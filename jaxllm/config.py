@@ -100,7 +100,7 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, name_or_path: str | Path) -> ModelConfig:
         path = Path(name_or_path)
-        if not path.suffix:
+        if path.suffix not in (".yaml", ".yml"):
             path = CONFIG_DIR / "models" / f"{name_or_path}.yaml"
         if not path.is_file():
             known = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))

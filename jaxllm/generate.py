@@ -139,9 +139,7 @@ class Generator:
             )
         bad = [t for t in ids if not 0 <= int(t) < self.config.vocab_size]
         if bad:
-            raise JaxLLMError(
-                f"token id {bad[0]} is out of range [0, {self.config.vocab_size})"
-            )
+            raise JaxLLMError(f"token id {bad[0]} is out of range [0, {self.config.vocab_size})")
 
     def generate(
         self,

@@ -228,16 +228,14 @@ class Transformer(nnx.Module):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.attention = attention
-        # Only a tied head reads the whole table each step; a lookup alone gains nothing from blocks.
+        # Only a tied head reads the whole table each step; a lookup gains nothing from blocks.
         tied = "lm_head" not in params
         self.embed = Embedding(params["embed"], splits=splits if tied else 1, dtype=dtype)
         self.layers = nnx.List(
             [Block(cfg, p, splits=splits, dtype=dtype) for p in params["layers"]]
         )
         self.final_norm = RMSNorm(params["final_norm"], eps=cfg.rms_norm_eps, dtype=dtype)
-        self.lm_head = None
-        if "lm_head" in params:
-            self.lm_head = SplitLinear(params["lm_head"], splits=splits, dtype=dtype)
+        self.lm_head = None if tied else SplitLinear(params["lm_head"], splits=splits, dtype=dtype)
         self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg, rope_factors)))
 
     def __call__(
