@@ -52,7 +52,6 @@ class LLM:
       dtype: float32 | bfloat16 | float16 for weights and activations.
       attention: attention backend (`auto`, `xla`; Pallas kernels register more).
       max_batch: most sequences decoded together.
-      weight_splits: column blocks per weight matrix (see model.py); default 1.
     """
 
     def __init__(
@@ -62,7 +61,6 @@ class LLM:
         *,
         attention: str = "auto",
         max_batch: int = 64,
-        weight_splits: int = 1,
         compilation_cache: bool = True,
         log: Any = print,
     ):
@@ -78,7 +76,6 @@ class LLM:
             loaded.config,
             loaded.params,
             dtype=_DTYPES[dtype],
-            splits=weight_splits,
             attention=resolve_backend(attention),
             rope_factors=loaded.rope_factors,
         )

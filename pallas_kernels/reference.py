@@ -27,6 +27,8 @@ def attention_reference(
     Returns:
       [B, T, K, G, D] in q's dtype; scores and softmax are computed in float32.
     """
+    if q.shape[1] == 1:
+        return _decode_attention(q, k, v, mask, sm_scale=sm_scale)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * sm_scale
     if mask is not None:
@@ -34,3 +36,22 @@ def attention_reference(
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v)
     return out.astype(q.dtype)
+
+
+def _decode_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, sm_scale: float
+) -> jax.Array:
+    """One query position (T == 1), as broadcast-multiply and reduce rather than dots.
+
+    On XLA:CPU a dot over the [B, K, S, D] cache makes the compiler transpose or duplicate the
+    freshly updated cache (several full copies per layer per step); multiply-reduce fuses
+    straight off the updated cache, which then stays in place. Same math as above.
+    """
+    qf = q[:, 0].astype(jnp.float32) * sm_scale  # [B, K, G, D]
+    scores = jnp.sum(qf[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), axis=-1)
+    if mask is not None:  # scores [B, K, G, S]
+        scores = jnp.where(mask[:, 0][:, None, None], scores, MASK_VALUE)
+    e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = jnp.sum(e[..., None] * v[:, :, None].astype(jnp.float32), axis=3)  # [B, K, G, D]
+    out = out / jnp.sum(e, axis=-1, keepdims=True)
+    return out[:, None].astype(q.dtype)

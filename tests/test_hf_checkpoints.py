@@ -20,8 +20,8 @@ from tests.golden.cases import TINY_INPUT_IDS
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
-def full_logits(cfg, params, rope_factors=None, dtype=jnp.float32, splits=1):
-    model = Transformer(cfg, params, dtype=dtype, splits=splits, rope_factors=rope_factors)
+def full_logits(cfg, params, rope_factors=None, dtype=jnp.float32):
+    model = Transformer(cfg, params, dtype=dtype, rope_factors=rope_factors)
     t = len(TINY_INPUT_IDS)
     tokens = jnp.asarray([TINY_INPUT_IDS])
     mask = jnp.tril(jnp.ones((t, t), bool))[None]
@@ -30,11 +30,10 @@ def full_logits(cfg, params, rope_factors=None, dtype=jnp.float32, splits=1):
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_safetensors_logits_match_hf(name, splits):
+def test_safetensors_logits_match_hf(name):
     cfg, params = load_hf_dir(GOLDEN / name)
     want = np.load(GOLDEN / name / "logits.npy")
-    got = full_logits(cfg, params, splits=splits)
+    got = full_logits(cfg, params)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
