@@ -1,0 +1,141 @@
+"""A native CPU kernel for few-row products with weight matrices (decode on XLA:CPU).
+
+`linear(x, w)` computes x @ w^T for w [out, in]. On the CPU backend, with float32 operands
+and at most 16 rows, it calls `matvec.cc` through the XLA FFI: the kernel streams the
+weights on every core, where XLA:CPU's own dot uses one. Elsewhere (GPU/TPU, bf16,
+prefill-sized inputs) it is the plain einsum, which is also the oracle in its tests.
+
+The kernel is compiled on first use with the system C++ compiler into the jaxllm cache,
+keyed by source, flags and CPU. Without a compiler, or with JAXLLM_CPU_KERNELS=0, the einsum
+is used everywhere. Gradients are the einsum's (custom VJP), so training code may call
+`linear` as well.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+MAX_ROWS = 16
+_TARGET = "jaxllm_matvec"
+_SOURCE = Path(__file__).with_name("matvec.cc")
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w", "-pthread"]
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return f"{platform.machine()}|{line}"
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _build() -> Path | None:
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        return None
+    from jaxllm.checkpoints.registry import cache_dir
+
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(
+        _SOURCE.read_bytes()
+        + " ".join([compiler, *_FLAGS, include]).encode()
+        + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / "cpu_kernels" / f"libjaxllm_matvec_{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        cmd = [compiler, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", str(tmp_out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(
+                f"[jaxllm] CPU kernel build failed; using XLA's dot: {proc.stderr[-400:]}",
+                file=sys.stderr,
+            )
+            return None
+        os.replace(tmp_out, out)
+    return out
+
+
+def available() -> bool:
+    """True when the kernel is built, loaded and registered (builds it on the first call)."""
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = False
+            if os.environ.get("JAXLLM_CPU_KERNELS", "1") != "0":
+                path = _build()
+                if path is not None:
+                    lib = ctypes.cdll.LoadLibrary(str(path))
+                    jax.ffi.register_ffi_target(
+                        _TARGET, jax.ffi.pycapsule(lib.JaxllmMatVec), platform="cpu"
+                    )
+                    _state["lib"] = lib
+                    _state["ok"] = True
+        return bool(_state["ok"])
+
+
+def einsum_linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """The reference: x [..., in] @ w [out, in]^T."""
+    return jnp.einsum("...i,oi->...o", x, w)
+
+
+def native_linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """The FFI kernel (no shape or platform checks: see `linear`)."""
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[0],), jnp.float32)
+    return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(x, w)
+
+
+@jax.custom_vjp
+def _linear_with_grad(x: jax.Array, w: jax.Array) -> jax.Array:
+    return native_linear(x, w)
+
+
+def _fwd(x, w):
+    return native_linear(x, w), (x, w)
+
+
+def _bwd(res, g):
+    x, w = res
+    return jnp.einsum("...o,oi->...i", g, w), jnp.einsum("...o,...i->oi", g, x)
+
+
+_linear_with_grad.defvjp(_fwd, _bwd)
+
+
+def uses_native(x: jax.Array, w: jax.Array) -> bool:
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    return (
+        rows <= MAX_ROWS
+        and x.dtype == jnp.float32
+        and w.dtype == jnp.float32
+        and w.ndim == 2
+        and jax.default_backend() == "cpu"
+        and available()
+    )
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [out, in]^T -> [..., out]."""
+    if uses_native(x, w):
+        return _linear_with_grad(x, w)
+    return einsum_linear(x, w)
