@@ -1,0 +1,110 @@
+"""Accelerator check: attention correctness and throughput against jax.nn.dot_product_attention
+(cuDNN and XLA), and decode throughput of the static generator, in one short run.
+
+    bash benchmarks/gpu_check.sh          # on a GPU machine (prints a table)
+    python benchmarks/gpu_check.py --quick  # tiny shapes, any backend (a smoke test)
+
+Random weights at real shapes (no checkpoint is needed: the GPU machines have no network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.reference import attention_reference
+
+
+def timeit(f, *args, reps=10):
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def ours(q, k, v):
+    """[B, T, H, D] with K/V [B, S, K, D] -> the reference's grouped layout and back."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None]
+    out = attention_reference(
+        q.reshape(b, t, kv, h // kv, d),
+        k.transpose(0, 2, 1, 3),
+        v.transpose(0, 2, 1, 3),
+        jnp.broadcast_to(mask, (b, t, k.shape[1])),
+        sm_scale=d**-0.5,
+    )
+    return out.reshape(b, t, h, d)
+
+
+def attention_check(b, t, h, kv, d, dtype):
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (b, t, h, d), dtype)
+    k = jax.random.normal(keys[1], (b, t, kv, d), dtype)
+    v = jax.random.normal(keys[2], (b, t, kv, d), dtype)
+    flops = 4 * b * h * t * t * d / 2  # causal
+    rows = []
+    impls = {"jaxllm reference (XLA)": jax.jit(ours)}
+    for impl in ("xla", "cudnn"):
+        if impl == "cudnn" and jax.default_backend() != "gpu":
+            continue
+        impls[f"dot_product_attention[{impl}]"] = jax.jit(
+            lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=impl
+            )
+        )
+    want = np.asarray(impls["jaxllm reference (XLA)"](q, k, v), np.float32)
+    for name, f in impls.items():
+        got = np.asarray(f(q, k, v), np.float32)
+        err = float(np.abs(got - want).max())
+        s = timeit(f, q, k, v)
+        rows.append((name, err, s * 1e3, flops / s / 1e12))
+    return rows
+
+
+def decode_check(model: str, batch: int, new_tokens: int, dtype: str):
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM(model, dtype=dtype, log=lambda *a: None)
+    prompts = [list(range(1, 129))] * batch
+    p = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts, p)
+    llm.generate(prompts, p)
+    t = llm.timings
+    return t.decode_steps * batch / t.decode_s, batch * 128 / t.prefill_s
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+    if args.quick:
+        shapes = [(1, 128, 8, 2, 64)]
+        decode = [("tiny", 1, 16)]
+    else:
+        shapes = [(4, 2048, 32, 8, 128), (8, 1024, 9, 3, 64)]
+        decode = [("llama-3.2-1b", 1, 128), ("llama-3.2-1b", 16, 128)]
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    print("\n| attention [B,T,H,KV,D] | impl | max abs diff vs reference | ms | TFLOP/s |")
+    print("|---|---|---|---|---|")
+    for shape in shapes:
+        for name, err, ms, tf in attention_check(*shape, dtype):
+            print(f"| {list(shape)} | {name} | {err:.3g} | {ms:.3f} | {tf:.2f} |")
+    print("\n| decode (random weights) | batch | dtype | decode tok/s | prefill tok/s |")
+    print("|---|---|---|---|---|")
+    for model, batch, new in decode:
+        for dt in ("float32", "bfloat16"):
+            tps, pps = decode_check(model, batch, new, dt)
+            print(f"| {model} | {batch} | {dt} | {tps:.1f} | {pps:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
