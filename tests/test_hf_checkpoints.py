@@ -169,3 +169,26 @@ def test_unsupported_architecture_is_rejected(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(JaxLLMError, match="unsupported architecture 'gpt_neox'"):
         load_hf_dir(d)
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_k_quant_tensors_load(tmp_path, qtype):
+    """gguf-py cannot write K-quants, so the blocks are random bytes (every f16 field kept
+    finite); the loaded matrix must equal gguf's own dequantization of those bytes."""
+    from jaxllm.checkpoints.gguf_loader import dequantize_tensor, open_gguf
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    block, type_size = gguf.GGML_QUANT_SIZES[qt]
+    rows, cols = 8, 2 * block
+    raw = np.random.default_rng(0).integers(0, 0x3B, (rows, cols // block * type_size))
+    raw = raw.astype(np.uint8)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    w.add_tensor("t.weight", raw, raw_shape=raw.shape, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    (t,) = open_gguf(tmp_path / "k.gguf").tensors
+    got = dequantize_tensor(t)
+    assert got.shape == (rows, cols) and np.isfinite(got).all()
+    np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, qt))
