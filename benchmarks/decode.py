@@ -35,6 +35,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def summarise_peer(once, load_s: float) -> dict:
+    """once() -> (prefill seconds, seconds for the other NEW_TOKENS - 1 tokens); the first run
+    is the cold one, the best of two more are the warm figures."""
+    cold_prefill, _ = once()
+    runs = [once() for _ in range(2)]
+    return {
+        "load_s": load_s,
+        "prefill_tok_s": PROMPT_TOKENS / min(r[0] for r in runs),
+        "decode_tok_s": (NEW_TOKENS - 1) / min(r[1] for r in runs),
+        "first_token_cold_s": cold_prefill,
+        "first_token_warm_s": min(r[0] for r in runs),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
 def run_jaxllm(dtype: str) -> dict:
     import jax
 
@@ -95,16 +110,7 @@ def run_hf() -> dict:
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
-    cold_prefill, _ = once()
-    runs = [once() for _ in range(2)]
-    return {
-        "load_s": load_s,
-        "prefill_tok_s": PROMPT_TOKENS / min(r[0] for r in runs),
-        "decode_tok_s": (NEW_TOKENS - 1) / min(r[1] for r in runs),
-        "first_token_cold_s": cold_prefill,
-        "first_token_warm_s": min(r[0] for r in runs),
-        "peak_rss_mib": peak_rss_mib(),
-    }
+    return summarise_peer(once, load_s)
 
 
 def run_llama_cpp() -> dict:
@@ -130,16 +136,7 @@ def run_llama_cpp() -> dict:
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
-    cold_prefill, _ = once()
-    runs = [once() for _ in range(2)]
-    return {
-        "load_s": load_s,
-        "prefill_tok_s": PROMPT_TOKENS / min(r[0] for r in runs),
-        "decode_tok_s": (NEW_TOKENS - 1) / min(r[1] for r in runs),
-        "first_token_cold_s": cold_prefill,
-        "first_token_warm_s": min(r[0] for r in runs),
-        "peak_rss_mib": peak_rss_mib(),
-    }
+    return summarise_peer(once, load_s)
 
 
 def run_bandwidth() -> dict:
