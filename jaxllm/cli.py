@@ -50,7 +50,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
-        prompt = tok.apply_chat_template(messages)
+        prompt = tok.encode(tok.apply_chat_template(messages), add_bos=False)
     else:
         prompt = args.prompt
     loaded = time.perf_counter()

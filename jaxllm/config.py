@@ -120,15 +120,20 @@ class ModelConfig:
             )
         rs = config.get("rope_scaling") or config.get("rope_parameters")
         scaling = None
-        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        kind = rs.get("rope_type", rs.get("type")) if rs else None
+        if kind == "linear":
+            scaling = RopeScaling(rope_type="linear", factor=float(rs["factor"]))
+        elif kind == "llama3":
             scaling = RopeScaling(
                 factor=float(rs["factor"]),
                 low_freq_factor=float(rs["low_freq_factor"]),
                 high_freq_factor=float(rs["high_freq_factor"]),
                 original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
             )
-        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-            raise JaxLLMError(f"unsupported rope_scaling type {rs.get('rope_type')!r}")
+        elif kind not in (None, "default"):
+            raise JaxLLMError(
+                f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3"
+            )
         theta = config.get("rope_theta") or (rs or {}).get("rope_theta", 10000.0)
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -146,7 +151,11 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=scaling,
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            # No sliding-window attention yet: serve only what full attention computes right.
+            max_position_embeddings=min(
+                int(config.get("max_position_embeddings", 2048)),
+                int(config.get("sliding_window") or 1 << 40),
+            ),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
             bos_token_id=config.get("bos_token_id"),
@@ -174,10 +183,11 @@ class ModelConfig:
         kv = get("attention.head_count_kv", heads)
         vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
         scaling = None
-        if get("rope.scaling.type") not in (None, "none", "linear") and "rope_freqs.weight" not in (
-            tensor_names
-        ):
-            raise JaxLLMError(f"unsupported rope scaling {get('rope.scaling.type')!r} in GGUF")
+        kind = get("rope.scaling.type")
+        if kind == "linear":
+            scaling = RopeScaling(rope_type="linear", factor=float(get("rope.scaling.factor")))
+        elif kind not in (None, "none") and "rope_freqs.weight" not in tensor_names:
+            raise JaxLLMError(f"unsupported rope scaling {kind!r} in GGUF")
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return cls(
             name=name or str(meta.get("general.name", arch)),
@@ -196,6 +206,10 @@ class ModelConfig:
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=(int(eos),) if eos is not None else (),
+            eos_token_ids=tuple(
+                dict.fromkeys(
+                    int(t) for t in (eos, meta.get("tokenizer.ggml.eot_token_id")) if t is not None
+                )
+            ),
             pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
         )

@@ -183,7 +183,9 @@ class Generator:
             stops += [x for x in p.stop_token_ids if x not in stops]
             if len(stops) > MAX_STOP_IDS:
                 raise JaxLLMError(
-                    f"{len(stops)} stop token ids given; at most {MAX_STOP_IDS} are supported"
+                    f"{len(p.stop_token_ids)} stop_token_ids plus the model's "
+                    f"{len(stops) - len(p.stop_token_ids)} EOS ids make {len(stops)}; "
+                    f"at most {MAX_STOP_IDS} are supported"
                 )
             stop_ids[row, : len(stops)] = stops
             max_new_rows[row] = p.max_tokens

@@ -149,8 +149,14 @@ class LLM:
         """One conversation (a list of {role, content}) or a list of them."""
         tok = self._require_tokenizer()
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [tok.apply_chat_template(c, add_generation_prompt=True) for c in convs]
-        return self.generate(prompts, sampling_params, **kwargs)
+        texts = [tok.apply_chat_template(c, add_generation_prompt=True) for c in convs]
+        # The template writes any BOS itself: encoding must not add a second one.
+        outs = self.generate(
+            [tok.encode(t, add_bos=False) for t in texts], sampling_params, **kwargs
+        )
+        for out, text in zip(outs, texts):
+            out.prompt = text
+        return outs
 
     @property
     def timings(self) -> Any:

@@ -96,7 +96,9 @@ def rope_inv_freq(cfg: ModelConfig, factors: np.ndarray | None = None) -> np.nda
     if factors is not None:
         return (inv / np.asarray(factors, np.float64)).astype(np.float32)
     rs = cfg.rope_scaling
-    if rs is not None:
+    if rs is not None and rs.rope_type == "linear":
+        inv = inv / rs.factor  # positions divided by the factor
+    elif rs is not None:
         low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
         high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
         wavelen = 2 * math.pi / inv

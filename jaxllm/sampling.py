@@ -96,10 +96,11 @@ def filter_logits(
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     order = jnp.argsort(-scaled, axis=-1, stable=True)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
     rank = jnp.arange(logits.shape[-1])[None, :]
     keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-    # top-p: keep the smallest prefix whose mass reaches p (the first token always stays).
+    # top-p on the distribution renormalised over the top-k survivors (as vLLM and HF do):
+    # keep the smallest prefix whose mass reaches p; the first token always stays.
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep &= mass_before < top_p[:, None]
     keep &= probs >= min_p[:, None] * probs[:, :1]

@@ -155,16 +155,27 @@ class Tokenizer:
             return backend.token_to_id(entry) if entry else None
 
         cfg = json.loads((directory / "config.json").read_text())
-        eos = cfg.get("eos_token_id")
-        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        gen: dict[str, Any] = {}
+        if (directory / "generation_config.json").is_file():
+            gen = json.loads((directory / "generation_config.json").read_text())
+        eos_ids: list[int] = []
+        for source in (cfg.get("eos_token_id"), gen.get("eos_token_id")):
+            for t in source if isinstance(source, list) else [source]:
+                if t is not None and t not in eos_ids:
+                    eos_ids.append(int(t))
         if not eos_ids and tok_id(tc.get("eos_token")) is not None:
             eos_ids = [tok_id(tc.get("eos_token"))]
         bos = cfg.get("bos_token_id", tok_id(tc.get("bos_token")))
+        if "add_bos_token" in tc:
+            add_bos = bool(tc["add_bos_token"])
+        else:  # Llama 3 adds BOS through tokenizer.json's post-processor instead
+            probe = backend.encode("", add_special_tokens=True).ids
+            add_bos = bos is not None and probe[:1] == [bos]
         return cls(
             backend,
             bos_token_id=bos,
             eos_token_ids=eos_ids,
-            add_bos=bool(tc.get("add_bos_token", False)),
+            add_bos=add_bos,
             chat_template=template,
         )
 

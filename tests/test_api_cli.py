@@ -101,3 +101,21 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("jaxllm: error:"), r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_chat_adds_no_second_bos_when_the_template_writes_one(smollm2):
+    tok = smollm2.tokenizer
+    saved = (tok.add_bos, tok.chat_template)
+    try:
+        tok.add_bos = True
+        tok.chat_template = (
+            "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+            "{% endfor %}"
+        )
+        out = smollm2.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=1))[0]
+        assert out.prompt_token_ids[0] == tok.bos_token_id
+        assert out.prompt_token_ids.count(tok.bos_token_id) == 1
+        plain = smollm2.generate("Hi", SamplingParams(max_tokens=1))[0]
+        assert plain.prompt_token_ids[0] == tok.bos_token_id  # plain text does get BOS
+    finally:
+        tok.add_bos, tok.chat_template = saved

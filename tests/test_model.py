@@ -152,3 +152,35 @@ def test_bad_configs_raise(tiny_config):
         tiny_config.replace(architecture="gpt2")
     with pytest.raises(JaxLLMError, match="no model config 'nope'"):
         ModelConfig.from_yaml("nope")
+
+
+def test_linear_rope_scaling_divides_positions():
+    hf = {
+        "model_type": "llama",
+        "vocab_size": 32,
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "rope_scaling": {"type": "linear", "factor": 4.0},
+    }
+    cfg = ModelConfig.from_hf_config(hf)
+    plain = rope_inv_freq(cfg.replace(rope_scaling=None))
+    np.testing.assert_allclose(rope_inv_freq(cfg), plain / 4.0, rtol=1e-6)
+    hf["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    with pytest.raises(JaxLLMError, match="unsupported rope_scaling type 'yarn'"):
+        ModelConfig.from_hf_config(hf)
+
+
+def test_sliding_window_caps_the_context():
+    hf = {
+        "model_type": "mistral",
+        "vocab_size": 32,
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 32768,
+        "sliding_window": 4096,
+    }
+    assert ModelConfig.from_hf_config(hf).max_position_embeddings == 4096

@@ -21,10 +21,11 @@ def kept_set_oracle(logits, temperature, top_k, top_p, min_p):
     p = np.exp(z - z.max())
     p /= p.sum()
     order = sorted(range(len(p)), key=lambda i: (-p[i], i))
+    if top_k > 0:  # top-p and min-p see the distribution renormalised over the top k
+        order = order[:top_k]
+        p = p / p[order].sum()
     kept, mass = [], 0.0
-    for rank, i in enumerate(order):
-        if top_k > 0 and rank >= top_k:
-            break
+    for i in order:
         if mass >= top_p:
             break
         if p[i] < min_p * p[order[0]]:
@@ -130,3 +131,12 @@ def test_temperature_one_frequencies_match_softmax():
 def test_bad_sampling_values_raise(kw, match):
     with pytest.raises(JaxLLMError, match=match):
         SamplingParams(**kw)
+
+
+def test_top_p_applies_after_top_k():
+    """p = [.3, .3, .2, .2], top_k=2, top_p=0.5: after top-k the first token already holds
+    half the mass, so only it survives (vLLM's and HF's order of filters)."""
+    logits = jnp.log(jnp.asarray([[0.3, 0.3, 0.2, 0.2]], jnp.float32))
+    one = lambda v, dt=jnp.float32: jnp.asarray([v], dt)  # noqa: E731
+    filtered, order = filter_logits(logits, one(1.0), one(2, jnp.int32), one(0.5), one(0.0))
+    assert np.isfinite(np.asarray(filtered)).sum() == 1

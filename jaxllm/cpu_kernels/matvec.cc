@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <unistd.h>
 #include <thread>
 #include <vector>
 
@@ -142,11 +143,18 @@ class Pool {
   std::condition_variable wake_;
 };
 
+// A forked child has none of the parent's threads: it builds its own pool (the parent's is
+// left as it is, since its mutexes may be held).
 Pool& GetPool() {
-  static Pool* pool = [] {
+  static Pool* pool = nullptr;
+  static pid_t owner = 0;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  if (pool == nullptr || owner != getpid()) {
     int threads = static_cast<int>(std::thread::hardware_concurrency());
-    return new Pool(std::clamp(threads, 1, 16) - 1);
-  }();
+    pool = new Pool(std::clamp(threads, 1, 16) - 1);
+    owner = getpid();
+  }
   return *pool;
 }
 
@@ -161,6 +169,10 @@ ffi::Error MatVec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   }
   const int64_t rows = k ? static_cast<int64_t>(x.element_count()) / k : 0;
   if (rows > kMaxRows) return ffi::Error::InvalidArgument("JaxllmMatVec: at most 16 rows");
+  if (k == 0) {  // an empty sum
+    std::memset(y->typed_data(), 0, y->size_bytes());
+    return ffi::Error::Success();
+  }
   const Job job{x.typed_data(), w.typed_data(), y->typed_data(), rows, k, n};
   if (n * k < kMinParallelElements) {
     RowsSlice(job, 0, n);
