@@ -192,3 +192,32 @@ def test_gguf_k_quant_tensors_load(tmp_path, qtype):
     got = dequantize_tensor(t)
     assert got.shape == (rows, cols) and np.isfinite(got).all()
     np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, qt))
+
+
+def assert_same_as_gguf_reader(path):
+    from jaxllm.checkpoints.gguf_file import GGUFFile
+
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(str(path))
+    want = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata == want
+    assert len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.tensor_type, a.data_offset, a.n_bytes) == (
+            b.name,
+            b.tensor_type,
+            b.data_offset,
+            b.n_bytes,
+        )
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
+        np.testing.assert_array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_1"])
+def test_fast_gguf_reader_matches_gguf_package(tmp_path, qtype):
+    path = tmp_path / "m.gguf"
+    write_gguf(path, "tiny-qwen2", gguf.GGMLQuantizationType[qtype])
+    assert_same_as_gguf_reader(path)
+
+
+def test_fast_gguf_reader_matches_gguf_package_on_smollm2(smollm2):
+    assert_same_as_gguf_reader(smollm2.source)

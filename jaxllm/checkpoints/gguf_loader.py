@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxllm.checkpoints.gguf_file import GGUFFile
 from jaxllm.config import ModelConfig
 from jaxllm.errors import JaxLLMError
 
@@ -20,10 +21,8 @@ GGUF_MAGIC = b"GGUF"
 _PERMUTED_ARCHS = ("llama", "mistral")
 
 
-def open_gguf(path: str | Path) -> Any:
-    """A `gguf.GGUFReader` for `path`, or JaxLLMError if it is missing, not GGUF or cut short."""
-    import gguf
-
+def open_gguf(path: str | Path) -> GGUFFile:
+    """The parsed header of `path`, or JaxLLMError if it is missing, not GGUF or cut short."""
     path = Path(path)
     if not path.is_file():
         raise JaxLLMError(f"model file {str(path)!r} does not exist")
@@ -34,30 +33,9 @@ def open_gguf(path: str | Path) -> Any:
             f"{str(path)!r} is not a GGUF file (first bytes {magic!r}, expected {GGUF_MAGIC!r})"
         )
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises many types on a damaged file
+        return GGUFFile(path)
+    except Exception as e:  # struct.error, ValueError, ... on a damaged file
         raise JaxLLMError(f"{str(path)!r} is a damaged or truncated GGUF file: {e}") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise JaxLLMError(
-                f"{str(path)!r} is truncated: tensor {t.name} ends at byte {end}, "
-                f"file has {size} bytes"
-            )
-    return reader
-
-
-def read_metadata(reader: Any) -> dict[str, Any]:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # unusual field types we never read
-            continue
-    return meta
 
 
 def dequantize_tensor(t: Any) -> np.ndarray:
@@ -92,7 +70,7 @@ def load_gguf(
 ) -> tuple[ModelConfig, dict[str, Any], dict[str, Any], np.ndarray | None]:
     """Returns (config, canonical params, metadata, rope factors or None)."""
     reader = open_gguf(path)
-    meta = read_metadata(reader)
+    meta = reader.metadata
     tensors = {t.name: t for t in reader.tensors}
     cfg = ModelConfig.from_gguf_metadata(meta, set(tensors), name=name or Path(path).stem)
     permuted = cfg.architecture in _PERMUTED_ARCHS
