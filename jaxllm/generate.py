@@ -33,6 +33,19 @@ def bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def stop_token_list(p: SamplingParams, eos_token_ids: Sequence[int]) -> list[int]:
+    """The ids that end request `p`: the model's EOS (unless ignored) and its stop ids."""
+    stops = [] if p.ignore_eos else list(eos_token_ids)
+    stops += [x for x in p.stop_token_ids if x not in stops]
+    if len(stops) > MAX_STOP_IDS:
+        raise JaxLLMError(
+            f"{len(p.stop_token_ids)} stop_token_ids plus the model's "
+            f"{len(stops) - len(p.stop_token_ids)} EOS ids make {len(stops)}; "
+            f"at most {MAX_STOP_IDS} are supported"
+        )
+    return stops
+
+
 @dataclasses.dataclass
 class Generation:
     """One sequence's result."""
@@ -67,7 +80,7 @@ class Generator:
 
     # ------------------------------------------------------------------ programs
     def _prefill_impl(self, state, tokens, starts, sp: SamplingArrays, cache_len: int):
-        """tokens [B, T] left-padded, starts [B] -> (cache, first tokens [B], logits [B, V])."""
+        """tokens [B, T] left-padded, starts [B] -> (cache, first tokens [B])."""
         model = nnx.merge(self.graphdef, state)
         b, t = tokens.shape
         cache = init_cache(self.config, b, cache_len, self.cache_dtype)
@@ -76,8 +89,7 @@ class Generator:
         kv = jnp.arange(cache_len)[None, None, :]
         mask = (kv <= slots[None, :, None]) & (kv >= starts[:, None, None])
         logits, cache = model(tokens, positions, mask, cache, jnp.int32(0), last_only=True)
-        last = logits[:, -1]
-        return cache, sample(last, sp, jnp.int32(0)), last
+        return cache, sample(logits[:, -1], sp, jnp.int32(0))
 
     def _decode_impl(self, state, cache, first, starts, prompt_len, max_new, stop_ids, sp):
         """Decode until every row hit a stop id or its max_new tokens.
@@ -152,8 +164,10 @@ class Generator:
         """Generate for every prompt; batches of up to max_batch run together."""
         if len(params) != len(prompts):
             raise JaxLLMError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        # Every request is checked before any batch runs: a bad one fails alone, early.
         for ids, p in zip(prompts, params):
             self.check_prompt(ids, p.max_tokens)
+            stop_token_list(p, eos_token_ids)
         results: list[Generation] = []
         totals = BatchTimings()
         for i in range(0, len(prompts), self.max_batch):
@@ -179,20 +193,13 @@ class Generator:
         stop_ids = np.full((b, MAX_STOP_IDS), -1, np.int32)
         max_new_rows = np.ones((b,), np.int32)
         for row, p in enumerate(params):
-            stops = [] if p.ignore_eos else list(eos_token_ids)
-            stops += [x for x in p.stop_token_ids if x not in stops]
-            if len(stops) > MAX_STOP_IDS:
-                raise JaxLLMError(
-                    f"{len(p.stop_token_ids)} stop_token_ids plus the model's "
-                    f"{len(stops) - len(p.stop_token_ids)} EOS ids make {len(stops)}; "
-                    f"at most {MAX_STOP_IDS} are supported"
-                )
+            stops = stop_token_list(p, eos_token_ids)
             stop_ids[row, : len(stops)] = stops
             max_new_rows[row] = p.max_tokens
         sp = SamplingArrays.from_params(params, b)
 
         t0 = time.perf_counter()
-        cache, first, _ = self._prefill(self.state, tokens, starts, sp, s)
+        cache, first = self._prefill(self.state, tokens, starts, sp, s)
         first_host = np.asarray(first)
         t1 = time.perf_counter()
         if on_first_tokens is not None:

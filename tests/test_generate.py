@@ -128,6 +128,9 @@ def test_prompt_longer_than_context_is_rejected_and_others_unharmed(tiny_gen, ti
         tiny_gen.generate([[]], [SamplingParams()])
     with pytest.raises(JaxLLMError, match=r"token id 999 is out of range \[0, 256\)"):
         tiny_gen.generate([[1, 999]], [SamplingParams()])
+    many = SamplingParams(max_tokens=4, stop_token_ids=list(range(10, 17)))
+    with pytest.raises(JaxLLMError, match="7 stop_token_ids plus the model's 2 EOS ids make 9"):
+        tiny_gen.generate([[1], [2]], [SamplingParams(), many], eos_token_ids=[2, 3])
     ok = tiny_gen.generate([PROMPTS[0]], [SamplingParams(temperature=0, max_tokens=5)])[0]
     assert ok.token_ids == greedy_by_recompute(tiny_gen, PROMPTS[0], 5)
 
