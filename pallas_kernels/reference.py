@@ -55,3 +55,198 @@ def _decode_attention(
     out = jnp.sum(e[..., None] * v[:, :, None].astype(jnp.float32), axis=3)  # [B, K, G, D]
     out = out / jnp.sum(e, axis=-1, keepdims=True)
     return out[:, None].astype(q.dtype)
+
+
+# --- Layouts of the Pallas kernels: [batch, seq, heads, head_dim] and paged caches. ---
+
+
+def visible_mask(
+    t: int,
+    s: int,
+    *,
+    causal: bool,
+    sliding_window: int | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """[B or 1, T, S] bool: which keys each query sees.
+
+    Causal attention is aligned bottom-right: query i sits at absolute position i + S - T, so
+    a chunk of T new queries attends to the S - T cached keys before it (T == S is ordinary
+    self-attention). A sliding window of W keeps keys at distance < W behind the query.
+    """
+    qpos = jnp.arange(t)[:, None] + (s - t)
+    kpos = jnp.arange(s)[None, :]
+    mask = jnp.ones((t, s), bool)
+    if causal:
+        mask &= kpos <= qpos
+    if sliding_window is not None:
+        mask &= qpos - kpos < sliding_window
+    mask = mask[None]
+    if q_segment_ids is not None:
+        mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+    return mask
+
+
+def flash_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    sm_scale: float,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    sliding_window: int | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Attention as `flash_attention` computes it, in one dense softmax.
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (GQA, MQA, MHA).
+      segment_ids: [B, S] (when T == S) or a pair ([B, T], [B, S]); a query sees only keys of
+        its own segment (packed or ragged sequences).
+      sliding_window: keys further than this many positions behind a query are hidden.
+
+    Returns:
+      [B, T, H, D] in q's dtype (and the natural-log logsumexp [B, H, T] in float32 when
+      `return_lse`). A query that sees no key gets zeros.
+    """
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = h // kh
+    q_seg, kv_seg = _split_segments(segment_ids)
+    mask = visible_mask(
+        t,
+        s,
+        causal=causal,
+        sliding_window=sliding_window,
+        q_segment_ids=q_seg,
+        kv_segment_ids=kv_seg,
+    )  # [B|1, T, S]
+    qg = q.reshape(b, t, kh, g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * sm_scale, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(scores - m)  # exactly 0 where masked
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    probs = e / jnp.where(l > 0, l, 1.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+    out = out.reshape(b, t, h, d).astype(q.dtype)
+    if not return_lse:
+        return out
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    return out, lse[..., 0].reshape(b, h, t)
+
+
+def _split_segments(segment_ids):
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, tuple | list):
+        return segment_ids[0], segment_ids[1]
+    return segment_ids, segment_ids
+
+
+def paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    lengths: jax.Array,
+    block_tables: jax.Array,
+    *,
+    sm_scale: float,
+) -> jax.Array:
+    """One decode query per sequence against its paged KV cache.
+
+    Args:
+      q: [B, H, D].
+      k_pages, v_pages: [K, num_pages, page_size, D].
+      lengths: [B] int32, tokens in each sequence's cache (0 allowed: output zeros).
+      block_tables: [B, max_pages_per_seq] int32; entry j is the page holding tokens
+        [j * page_size, (j + 1) * page_size). Entries past a sequence's length are ignored.
+
+    Returns:
+      [B, H, D] in q's dtype.
+    """
+    b, h, d = q.shape
+    kh, _, page_size, _ = k_pages.shape
+    g = h // kh
+    max_pages = block_tables.shape[1]
+    # Gather each sequence's pages in order: [B, K, max_pages * page_size, D].
+    k = jnp.moveaxis(k_pages[:, block_tables], 0, 1).reshape(b, kh, max_pages * page_size, d)
+    v = jnp.moveaxis(v_pages[:, block_tables], 0, 1).reshape(b, kh, max_pages * page_size, d)
+    valid = jnp.arange(max_pages * page_size)[None, :] < lengths[:, None]  # [B, S]
+    qg = q.reshape(b, kh, g, d).astype(jnp.float32)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(jnp.float32)) * sm_scale
+    scores = jnp.where(valid[:, None, None], scores, -jnp.inf)
+    # Pages past a sequence's end may hold anything (even NaN): select, never multiply.
+    v = jnp.where(valid[:, None, :, None], v.astype(jnp.float32), 0.0)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    e = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
+    e = jnp.where(valid[:, None, None], e, 0.0)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgs,bksd->bkgd", e / jnp.where(l > 0, l, 1.0), v)
+    return out.reshape(b, h, d).astype(q.dtype)
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    block_tables: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array | int,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Queries of many sequences packed together, each attending causally to its own pages.
+
+    Args:
+      q: [T, H, D] tokens of all sequences, sequence i at rows cu_q_lens[i]:cu_q_lens[i+1].
+      k_pages, v_pages: [K, num_pages, page_size, D].
+      kv_lens: [S] int32, cached tokens of each sequence *including* this step's queries, which
+        are its last q_len tokens (a decode step has q_len 1, a prefill chunk more).
+      block_tables: [S, max_pages_per_seq] int32.
+      cu_q_lens: [S + 1] int32 offsets into q.
+      num_seqs: how many of the S slots are in use; rows past cu_q_lens[num_seqs] give zeros.
+
+    Returns:
+      [T, H, D] in q's dtype.
+    """
+    t, h, d = q.shape
+    kh, _, page_size, _ = k_pages.shape
+    g = h // kh
+    max_pages = block_tables.shape[1]
+    span = max_pages * page_size
+    rows = jnp.arange(t)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens, rows, side="right") - 1, 0, kv_lens.shape[0] - 1)
+    live = rows < cu_q_lens[num_seqs]
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    pos = kv_lens[seq] - q_len + (rows - cu_q_lens[seq])  # absolute position of each query
+
+    def one_token(args):
+        qi, s, p, ok = args  # [H, D], seq, position, live
+        k = k_pages[:, block_tables[s]].reshape(kh, span, d)
+        v = v_pages[:, block_tables[s]].reshape(kh, span, d)
+        kpos = jnp.arange(span)
+        valid = (kpos <= p) & (kpos < kv_lens[s]) & ok
+        if sliding_window is not None:
+            valid &= p - kpos < sliding_window
+        sc = (
+            jnp.einsum(
+                "kgd,ksd->kgs", qi.reshape(kh, g, d).astype(jnp.float32), k.astype(jnp.float32)
+            )
+            * sm_scale
+        )
+        sc = jnp.where(valid, sc, -jnp.inf)
+        m = jnp.max(sc, axis=-1, keepdims=True)
+        e = jnp.where(valid, jnp.exp(sc - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+        l = jnp.sum(e, axis=-1, keepdims=True)
+        vv = jnp.where(valid[:, None], v.astype(jnp.float32), 0.0)
+        o = jnp.einsum("kgs,ksd->kgd", e / jnp.where(l > 0, l, 1.0), vv)
+        return o.reshape(h, d)
+
+    out = jax.lax.map(one_token, (q, seq, pos, live), batch_size=min(t, 64) or None)
+    return out.astype(q.dtype)

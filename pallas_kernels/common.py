@@ -1,0 +1,64 @@
+"""What every kernel needs: the platform choice, interpret modes and small integer helpers."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Finite: a tile whose every key is masked must not turn the running max into -inf - -inf.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def resolve_platform(platform: str | None, interpret: bool | None) -> tuple[str, bool]:
+    """(kernel family, interpret?) for a call.
+
+    `platform` picks the lowering: "gpu" (the portable GPU kernels) or "tpu" (Mosaic TPU
+    kernels with scalar prefetch). None follows the default backend; on CPU it is "gpu" run
+    by the Pallas interpreter, since CPU has no Pallas compiler.
+    """
+    backend = jax.default_backend()
+    if platform is None:
+        platform = "tpu" if backend == "tpu" else "gpu"
+    if platform not in ("gpu", "tpu"):
+        raise ValueError(f"platform must be 'gpu', 'tpu' or None, got {platform!r}")
+    if interpret is None:
+        interpret = backend == "cpu" or (platform == "tpu") != (backend == "tpu")
+    return platform, bool(interpret)
+
+
+def gpu_compiler_params(num_warps: int, num_stages: int):
+    """Triton launch parameters, or None where this jax has no Triton backend."""
+    try:
+        from jax.experimental.pallas import triton as pltriton
+    except ImportError:  # the Triton backend is deprecated from jax 0.11 and may go
+        return None
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def tpu_interpret_params():
+    """TPU interpreter that raises on out-of-bounds reads and fills fresh memory with NaN."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def check_gqa(h: int, kh: int, what: str) -> int:
+    if kh <= 0 or h % kh:
+        raise ValueError(f"{what}: query heads ({h}) must be a multiple of KV heads ({kh})")
+    return h // kh
