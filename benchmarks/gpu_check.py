@@ -84,27 +84,35 @@ def decode_check(model: str, batch: int, new_tokens: int, dtype: str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-decode", action="store_true")
     args = ap.parse_args()
+    import kernels  # benchmarks/kernels.py: kernel checks and throughput tables
+
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
-    if args.quick:
-        shapes = [(1, 128, 8, 2, 64)]
-        decode = [("tiny", 1, 16)]
-    else:
-        shapes = [(4, 2048, 32, 8, 128), (8, 1024, 9, 3, 64)]
-        decode = [("llama-3.2-1b", 1, 128), ("llama-3.2-1b", 16, 128)]
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    print("\n| attention [B,T,H,KV,D] | impl | max abs diff vs reference | ms | TFLOP/s |")
-    print("|---|---|---|---|---|")
-    for shape in shapes:
-        for name, err, ms, tf in attention_check(*shape, dtype):
-            print(f"| {list(shape)} | {name} | {err:.3g} | {ms:.3f} | {tf:.2f} |")
+    t0 = time.perf_counter()
+    kernels.checks(args.quick)
+    print(f"(checks took {time.perf_counter() - t0:.0f} s)", flush=True)
+    kernels.flash_table(args.quick)
+    kernels.paged_table(args.quick)
+    print(f"(kernel tables done at {time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.no_decode:
+        return 1 if kernels.FAILED else 0
+    decode = (
+        [("tiny", 1, 16)] if args.quick else [("llama-3.2-1b", 1, 128), ("llama-3.2-1b", 16, 128)]
+    )
+    dtypes = ("float32",) if args.quick else ("bfloat16",)
     print("\n| decode (random weights) | batch | dtype | decode tok/s | prefill tok/s |")
     print("|---|---|---|---|---|")
     for model, batch, new in decode:
-        for dt in ("float32", "bfloat16"):
+        for dt in dtypes:
             tps, pps = decode_check(model, batch, new, dt)
-            print(f"| {model} | {batch} | {dt} | {tps:.1f} | {pps:.0f} |")
+            print(f"| {model} | {batch} | {dt} | {tps:.1f} | {pps:.0f} |", flush=True)
+    print(f"(total {time.perf_counter() - t0:.0f} s)")
+    if kernels.FAILED:
+        print(f"FAILED checks: {kernels.FAILED}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import gguf, tokenizers, yaml" 2>/dev/null || \
   echo "note: gguf/tokenizers/pyyaml missing; the decode rows need them" >&2
-timeout 280 python3 benchmarks/gpu_check.py "$@"
+export PYTHONPATH="$PWD/benchmarks:$PYTHONPATH"
+export PYTHONUNBUFFERED=1
+timeout 290 python3 benchmarks/gpu_check.py "$@"

@@ -107,8 +107,17 @@ def ragged_paged_attention(
     qg = q.reshape(t, kh, g, d)
     qg = jnp.pad(qg, ((0, bq), (0, 0), (0, gp - g), (0, 0)))  # tiles may run past the end
     out = _ragged_gpu(
-        qg, k_pages, v_pages, jnp.where(live, kv_lens, 0), tables, meta,
-        sm_scale=sm_scale, window=sliding_window, bq=bq, ppb=ppb, interpret=interpret,
+        qg,
+        k_pages,
+        v_pages,
+        jnp.where(live, kv_lens, 0),
+        tables,
+        meta,
+        sm_scale=sm_scale,
+        window=sliding_window,
+        bq=bq,
+        ppb=ppb,
+        interpret=interpret,
     )  # fmt: skip  [n_tiles, bq, K, gp, D]
     rows = jnp.arange(t)
     seq = jnp.clip(jnp.searchsorted(cu, rows, side="right") - 1, 0, s - 1)
@@ -122,7 +131,7 @@ def ragged_paged_attention(
 def _ragged_kernel(
     meta_ref, q_ref, k_ref, v_ref, len_ref, bt_ref, o_ref, *, sm_scale, window, bq, ppb
 ):
-    u, kvh = pl.program_id(0), pl.program_id(1)
+    kvh = pl.program_id(1)
     seq, qstart, nrows, pos0 = meta_ref[0, 0], meta_ref[0, 1], meta_ref[0, 2], meta_ref[0, 3]
     kv_len = len_ref[seq]
     page_size = k_ref.shape[2]
@@ -172,9 +181,7 @@ def _ragged_gpu(qg, k_pages, v_pages, kv_lens, tables, meta, *, sm_scale, window
     n_tiles = meta.shape[0]
     tp, kh, gp, d = qg.shape
     s = kv_lens.shape[0]
-    kernel = functools.partial(
-        _ragged_kernel, sm_scale=sm_scale, window=window, bq=bq, ppb=ppb
-    )
+    kernel = functools.partial(_ragged_kernel, sm_scale=sm_scale, window=window, bq=bq, ppb=ppb)
     whole = lambda shape: pl.BlockSpec(shape, lambda u, h: (0,) * len(shape))
     return pl.pallas_call(
         kernel,

@@ -1,0 +1,229 @@
+"""Attention kernels: correctness against the jnp references, then throughput beside peers.
+
+    python benchmarks/kernels.py            # on a GPU: checks, then TFLOP/s and GB/s tables
+    python benchmarks/kernels.py --quick    # tiny shapes, interpret mode on CPU (a smoke test)
+
+Flash attention (forward, and forward+backward) is timed beside
+`jax.nn.dot_product_attention` with implementation='cudnn' and 'xla' (and
+`tokamax.dot_product_attention` when importable); paged decode beside the jnp reference (XLA
+gather + attention), as GB/s of K/V read against the chip's HBM peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.reference import (
+    flash_attention_reference,
+    paged_attention_reference,
+    ragged_paged_attention_reference,
+)
+
+HBM_PEAK_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # TB/s, vendor figures
+FAILED: list[str] = []
+
+
+def device_peak() -> tuple[str, float | None]:
+    kind = jax.devices()[0].device_kind
+    for name, tbs in HBM_PEAK_TBS.items():
+        if name in kind:
+            return kind, tbs
+    return kind, None
+
+
+def timed(f, *args, reps: int = 10) -> float:
+    """Median seconds per call; calls are queued back to back, then waited for."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(reps):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / reps)
+    return float(np.median(times))
+
+
+def report(name: str, got, want, tol: float) -> None:
+    err = float(jnp.max(jnp.abs(jnp.asarray(got, jnp.float32) - jnp.asarray(want, jnp.float32))))
+    ok = err <= tol and not bool(jnp.isnan(jnp.asarray(got, jnp.float32)).any())
+    if not ok:
+        FAILED.append(name)
+    print(f"| {name} | {err:.3g} | {tol:g} | {'ok' if ok else 'FAIL'} |", flush=True)
+
+
+def random_paged(key, b, h, kh, d, page_size, ctx, dtype, lengths=None):
+    """A shuffled page pool holding `lengths` tokens per sequence (ctx each by default)."""
+    max_pages = -(-ctx // page_size)
+    num_pages = b * max_pages
+    ks = jax.random.split(key, 4)
+    kp = jax.random.normal(ks[0], (kh, num_pages, page_size, d), dtype)
+    vp = jax.random.normal(ks[1], (kh, num_pages, page_size, d), dtype)
+    tables = jax.random.permutation(ks[2], num_pages).reshape(b, max_pages).astype(jnp.int32)
+    if lengths is None:
+        lengths = jnp.full((b,), ctx, jnp.int32)
+    q = jax.random.normal(ks[3], (b, h, d), dtype)
+    return q, kp, vp, jnp.asarray(lengths, jnp.int32), tables
+
+
+def checks(quick: bool) -> None:
+    print("\n| check | max abs err vs reference | tolerance | |\n|---|---|---|---|")
+    key = jax.random.PRNGKey(0)
+    shapes = [(1, 64, 64, 8, 2, 64)] if quick else [(2, 1000, 1000, 8, 2, 128),
+                                                    (1, 512, 1536, 9, 3, 64)]  # fmt: skip
+    for b, t, s, h, kh, d in shapes:
+        for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)):
+            ks = jax.random.split(key, 4)
+            q = jax.random.normal(ks[0], (b, t, h, d), dtype)
+            k = jax.random.normal(ks[1], (b, s, kh, d), dtype)
+            v = jax.random.normal(ks[2], (b, s, kh, d), dtype)
+            do = jax.random.normal(ks[3], (b, t, h, d), dtype)
+            for causal in (True, False):
+                ours = jax.jit(lambda q, k, v, c=causal: flash_attention(q, k, v, causal=c))
+                ref = jax.jit(
+                    lambda q, k, v, c=causal, d=d: flash_attention_reference(
+                        q, k, v, causal=c, sm_scale=d**-0.5
+                    )
+                )
+                tag = f"flash {jnp.dtype(dtype).name} causal={causal} {[b, t, s, h, kh, d]}"
+                report(tag + " out", ours(q, k, v), ref(q, k, v), tol)
+                loss = lambda f, do=do: lambda *qkv: jnp.sum(f(*qkv).astype(jnp.float32) * do)
+                g1 = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+                g2 = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+                for n, a, r in zip("qkv", g1, g2):
+                    scale = float(jnp.max(jnp.abs(r.astype(jnp.float32)))) or 1.0
+                    report(f"{tag} d{n} (tol x max|d{n}|={scale:.3g})", a / scale, r / scale, tol)
+    for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)):
+        lengths = [0, 1, 17, 300] if quick else [0, 1, 17, 1000, 4096, 2049, 5, 64]
+        b = len(lengths)
+        args = random_paged(key, b, 32, 8, 128, 16, max(lengths), dtype, lengths)
+        got = jax.jit(paged_attention)(*args)
+        want = jax.jit(lambda *a: paged_attention_reference(*a, sm_scale=128**-0.5))(*args)
+        report(f"paged {jnp.dtype(dtype).name} lengths={lengths}", got, want, tol)
+        q_lens = [0, 1, 17, 200] if quick else [0, 1, 17, 1000, 1, 2049, 5, 64]
+        cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+        t = int(cu[-1])
+        q = jax.random.normal(key, (t, 32, 128), dtype)
+        ra = (q, args[1], args[2], args[3], args[4], cu, b)
+        got = jax.jit(ragged_paged_attention, static_argnums=6)(*ra)
+        want = jax.jit(
+            lambda *a: ragged_paged_attention_reference(*a, sm_scale=128**-0.5), static_argnums=6
+        )(*ra)
+        report(f"ragged {jnp.dtype(dtype).name} q_lens={q_lens}", got, want, tol)
+
+
+def flash_table(quick: bool) -> None:
+    on_gpu = jax.default_backend() == "gpu"
+    seqs = [128] if quick else [1024, 2048, 4096, 8192, 16384]
+    h, d, dtype = (4, 64, jnp.float32) if quick else (16, 128, jnp.bfloat16)
+    impls = {"jaxllm flash": lambda q, k, v, c: flash_attention(q, k, v, causal=c)}
+    impls["dpa[xla]"] = lambda q, k, v, c: jax.nn.dot_product_attention(
+        q, k, v, is_causal=c, implementation="xla"
+    )
+    if on_gpu:
+        impls["dpa[cudnn]"] = lambda q, k, v, c: jax.nn.dot_product_attention(
+            q, k, v, is_causal=c, implementation="cudnn"
+        )
+        try:
+            import tokamax
+
+            impls["tokamax"] = lambda q, k, v, c: tokamax.dot_product_attention(
+                q, k, v, is_causal=c
+            )
+        except ImportError:
+            pass
+    print(
+        f"\n| flash, {jnp.dtype(dtype).name}, H={h}, D={d}, batch x seq = 16k tokens | causal | "
+        + " | ".join(f"{n} fwd | {n} fwd+bwd" for n in impls)
+        + " | ours/cudnn fwd | ours/cudnn fwd+bwd |"
+    )
+    print("|---|---|" + "---|---|" * len(impls) + "---|---|")
+    for s in seqs:
+        b = max(1, 16384 // s) if not quick else 1
+        ks = jax.random.split(jax.random.PRNGKey(1), 3)
+        q = jax.random.normal(ks[0], (b, s, h, d), dtype)
+        k = jax.random.normal(ks[1], (b, s, h, d), dtype)
+        v = jax.random.normal(ks[2], (b, s, h, d), dtype)
+        for causal in (True, False):
+            flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
+            cells, tf = [], {}
+            for name, f in impls.items():
+                if name == "dpa[xla]" and s > 8192:
+                    cells += ["-", "-"]
+                    continue
+                fwd = jax.jit(lambda q, k, v, f=f, c=causal: f(q, k, v, c))
+                both = jax.jit(
+                    jax.grad(
+                        lambda q, k, v, f=f, c=causal: jnp.sum(f(q, k, v, c).astype(jnp.float32)),
+                        argnums=(0, 1, 2),
+                    )
+                )
+                try:
+                    t_f = timed(fwd, q, k, v)
+                    t_b = timed(both, q, k, v)
+                except Exception as e:  # a peer may not support a shape; say so, go on
+                    cells += [f"error: {type(e).__name__}", "-"]
+                    continue
+                tf[name] = (flops / t_f / 1e12, 3.5 * flops / t_b / 1e12)
+                cells += [f"{tf[name][0]:.1f}", f"{tf[name][1]:.1f}"]
+            ratio = ["-", "-"]
+            if "dpa[cudnn]" in tf and "jaxllm flash" in tf:
+                ratio = [f"{tf['jaxllm flash'][i] / tf['dpa[cudnn]'][i]:.2f}" for i in (0, 1)]
+            print(f"| {b}x{s} | {causal} | " + " | ".join(cells + ratio) + " |", flush=True)
+
+
+def paged_table(quick: bool) -> None:
+    kind, peak = device_peak()
+    h, kh, d, page = 32, 8, 128, 16
+    dtype = jnp.float32 if quick else jnp.bfloat16
+    grid = [(2, 256)] if quick else [(8, 1024), (8, 4096), (32, 4096), (64, 1024),
+                                    (64, 4096), (64, 8192), (128, 4096)]  # fmt: skip
+    print(
+        f"\n| paged decode {kind}, H={h}, K={kh}, D={d}, page={page} | batch | context | "
+        "jaxllm µs | jaxllm GB/s | % of HBM peak | reference (XLA) µs | reference GB/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for b, ctx in grid:
+        args = random_paged(jax.random.PRNGKey(2), b, h, kh, d, page, ctx, dtype)
+        kv_bytes = 2 * b * ctx * kh * d * jnp.dtype(dtype).itemsize
+        ours = jax.jit(paged_attention)
+        ref = jax.jit(lambda *a: paged_attention_reference(*a, sm_scale=d**-0.5))
+        t_o = timed(ours, *args)
+        t_r = timed(ref, *args)
+        gbs = kv_bytes / t_o / 1e9
+        pct = f"{100 * gbs / (peak * 1e3):.0f}%" if peak else "-"
+        print(
+            f"| | {b} | {ctx} | {t_o * 1e6:.0f} | {gbs:.0f} | {pct} | {t_r * 1e6:.0f} | "
+            f"{kv_bytes / t_r / 1e9:.0f} |",
+            flush=True,
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument("--skip-checks", action="store_true")
+    args = ap.parse_args()
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()[0].device_kind}")
+    if not args.skip_checks:
+        checks(args.quick)
+    flash_table(args.quick)
+    paged_table(args.quick)
+    if FAILED:
+        print(f"\nFAILED checks: {FAILED}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
