@@ -1,0 +1,310 @@
+"""Pallas kernels in interpret mode against their jnp references (and jax's own oracles).
+
+The default run covers every factor of the issue's matrix (dtype, heads/kv_heads, head_dim,
+lengths) at least once; the full product is `slow`. Tolerances: float32 2e-5 absolute on
+outputs (gradients: relative to their largest entry); bfloat16 3e-2, the rounding of a bf16
+output of magnitude ~2 plus the kernel's bf16 probabilities in P·V.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.reference import (
+    flash_attention_reference,
+    paged_attention_reference,
+    ragged_paged_attention_reference,
+)
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+SMALL = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+
+
+def max_err(a, b) -> float:
+    return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
+
+def qkv(b, t, s, h, kh, d, dtype, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return (
+        jax.random.normal(ks[0], (b, t, h, d), dtype),
+        jax.random.normal(ks[1], (b, s, kh, d), dtype),
+        jax.random.normal(ks[2], (b, s, kh, d), dtype),
+        jax.random.normal(ks[3], (b, t, h, d), dtype),
+    )
+
+
+def check_flash(b, t, s, h, kh, d, dtype, *, causal, window=None, segments=False, grads=True):
+    q, k, v, do = qkv(b, t, s, h, kh, d, dtype)
+    seg = None
+    if segments:  # three ragged segments per row, cut at different places per batch entry
+
+        def cut(n):
+            pos, row = jnp.arange(n)[None], jnp.arange(b)[:, None]
+            return ((pos >= n // 3 + 5 * row).astype(jnp.int32) + (pos >= 2 * n // 3)).astype(
+                jnp.int32
+            )
+
+        seg = (cut(t), cut(s)) if t != s else cut(t)
+    kw = dict(causal=causal, segment_ids=seg, sliding_window=window)
+    ours = lambda q, k, v: flash_attention(q, k, v, block_sizes=SMALL, **kw)
+    ref = lambda q, k, v: flash_attention_reference(q, k, v, sm_scale=d**-0.5, **kw)
+    tol = TOL[dtype]
+    assert max_err(ours(q, k, v), ref(q, k, v)) <= tol
+    if not grads:
+        return
+    loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * do.astype(jnp.float32))
+    g_ours = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for name, a, r in zip("qkv", g_ours, g_ref):
+        scale = float(jnp.max(jnp.abs(r.astype(jnp.float32)))) or 1.0
+        assert max_err(a, r) <= tol * scale * (4 if dtype == jnp.bfloat16 else 1), name
+
+
+# (b, t, s, heads, kv_heads, head_dim, dtype, causal): every factor at least once.
+FLASH_CASES = [
+    (1, 40, 40, 8, 8, 64, jnp.float32, True),  # MHA, non-multiple of the tile
+    (2, 33, 50, 8, 2, 128, jnp.float32, True),  # GQA, T < S: bottom-right causal
+    (1, 1, 37, 8, 1, 64, jnp.float32, True),  # MQA, a single query (decode)
+    (1, 48, 48, 9, 3, 64, jnp.bfloat16, False),  # 9/3 heads, bf16, not causal
+    (1, 32, 32, 8, 2, 128, jnp.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("b,t,s,h,kh,d,dtype,causal", FLASH_CASES)
+def test_flash_attention_matches_reference(b, t, s, h, kh, d, dtype, causal):
+    check_flash(b, t, s, h, kh, d, dtype, causal=causal)
+
+
+def test_flash_attention_segments_and_window():
+    check_flash(2, 48, 48, 8, 2, 64, jnp.float32, causal=True, segments=True)
+    check_flash(1, 48, 48, 6, 2, 64, jnp.float32, causal=True, window=9)
+    check_flash(1, 20, 44, 4, 1, 64, jnp.float32, causal=False, segments=True, grads=False)
+
+
+def test_flash_attention_fully_masked_rows_are_zero():
+    """Queries whose segment has no keys get zeros, not NaN, in both outputs and gradients."""
+    q, k, v, _ = qkv(1, 16, 16, 4, 2, 64, jnp.float32)
+    seg_q = jnp.array([[0] * 8 + [1] * 8], jnp.int32)
+    seg_k = jnp.zeros((1, 16), jnp.int32)
+    f = lambda q, k, v: flash_attention(q, k, v, causal=False, segment_ids=(seg_q, seg_k))
+    out = f(q, k, v)
+    assert float(jnp.max(jnp.abs(out[:, 8:]))) == 0.0
+    g = jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2))(q, k, v)
+    assert all(bool(jnp.isfinite(x).all()) for x in g)
+
+
+def test_flash_attention_matches_jax_mha_oracle():
+    """jax's own Pallas flash attention (interpret mode) on an MHA shape with segments."""
+    from jax.experimental.pallas.ops.gpu import attention as jax_attention
+
+    q, k, v, _ = qkv(2, 64, 64, 4, 4, 64, jnp.float32, seed=3)
+    seg = (jnp.arange(64)[None] >= jnp.array([[20], [50]])).astype(jnp.int32)
+    want = jax_attention.mha(
+        q, k, v, seg, sm_scale=0.125, causal=True, interpret=True,
+        block_sizes=jax_attention.BlockSizes(block_q=32, block_k=32),
+    )  # fmt: skip
+    got = flash_attention(q, k, v, causal=True, sm_scale=0.125, segment_ids=seg)
+    assert max_err(got, want) <= 1e-5
+
+
+def test_flash_attention_memory_is_linear_in_sequence():
+    """Compiled temporary memory doubles (not quadruples) when the sequence doubles; the dense
+    reference quadruples, which shows the measurement can tell the two apart."""
+
+    def temp(fn, s):
+        x = jax.ShapeDtypeStruct((1, s, 4, 64), jnp.float32)
+        return jax.jit(fn).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
+    ours = lambda q, k, v: flash_attention(q, k, v, causal=True)
+    dense = lambda q, k, v: flash_attention_reference(q, k, v, causal=True, sm_scale=0.125)
+    assert temp(ours, 2048) / temp(ours, 1024) < 2.5
+    assert temp(dense, 2048) / temp(dense, 1024) > 3.5
+
+
+def test_flash_attention_rejects_bad_shapes():
+    q, k, v, _ = qkv(1, 8, 8, 6, 4, 64, jnp.float32)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        flash_attention(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="sliding_window"):
+        flash_attention(q, k[:, :, :2], v[:, :, :2], causal=True, sliding_window=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged caches: pages shuffled, unused pages NaN, block-table entries past a sequence's end are
+# out-of-range garbage, and the unused tail slots of a last page hold large finite garbage.
+
+
+def make_paged(h, kh, d, page, kv_lens, dtype, num_pages=None, seed=0):
+    rng = np.random.default_rng(seed)
+    pages_of = [-(-n // page) for n in kv_lens]
+    max_pages = max(1, max(pages_of))
+    num_pages = num_pages or sum(pages_of) + 5
+    kp = np.full((kh, num_pages, page, d), np.nan, np.float32)
+    vp = kp.copy()
+    tables = rng.integers(10**6, 2 * 10**6, (len(kv_lens), max_pages)).astype(np.int32)
+    order = iter(rng.permutation(num_pages))
+    for i, n in enumerate(kv_lens):
+        for j in range(pages_of[i]):
+            p = next(order)
+            tables[i, j] = p
+            kp[:, p] = rng.standard_normal((kh, page, d))
+            vp[:, p] = rng.standard_normal((kh, page, d))
+            used = n - j * page
+            if used < page:
+                kp[:, p, used:] = 1e4
+                vp[:, p, used:] = -1e4
+    return (
+        jnp.asarray(kp, dtype),
+        jnp.asarray(vp, dtype),
+        jnp.asarray(kv_lens, jnp.int32),
+        jnp.asarray(tables),
+    )
+
+
+# (heads, kv_heads, head_dim, page, lengths, dtype, num_splits)
+PAGED_CASES = [
+    (8, 2, 64, 16, [0, 1, 37, 100], jnp.float32, None),
+    (9, 3, 128, 16, [100, 17], jnp.float32, 2),
+    (8, 1, 64, 8, [5, 64, 65, 0], jnp.bfloat16, 3),
+    (8, 8, 128, 16, [33, 16, 1], jnp.bfloat16, 1),
+]
+
+
+@pytest.mark.parametrize("h,kh,d,page,lengths,dtype,splits", PAGED_CASES)
+def test_paged_attention_matches_reference(h, kh, d, page, lengths, dtype, splits):
+    kp, vp, lens, tables = make_paged(h, kh, d, page, lengths, dtype)
+    q = jax.random.normal(jax.random.PRNGKey(1), (len(lengths), h, d), dtype)
+    got = paged_attention(q, kp, vp, lens, tables, num_splits=splits, pages_per_block=2)
+    want = paged_attention_reference(q, kp, vp, lens, tables, sm_scale=d**-0.5)
+    assert not bool(jnp.isnan(got).any())
+    assert max_err(got, want) <= TOL[dtype]
+    assert float(jnp.max(jnp.abs(got[lens == 0]))) == 0.0 if (lens == 0).any() else True
+
+
+def test_paged_attention_matches_jax_decode_oracle():
+    """jax's Pallas GQA decode kernel (interpret) over the same cache made contiguous."""
+    from jax.experimental.pallas.ops.gpu import decode_attention
+
+    h, kh, d, page, lengths = 8, 2, 64, 16, [128, 77, 1]
+    kp, vp, lens, tables = make_paged(h, kh, d, page, lengths, jnp.float32)
+    q = jax.random.normal(jax.random.PRNGKey(2), (3, h, d), jnp.float32)
+    # Contiguous [B, S, K, D] copy; slots past each length zeroed (jax's kernel masks by length).
+    dense = lambda pages: jnp.moveaxis(pages[:, tables], 0, 3).reshape(3, -1, kh, d)
+    valid = (jnp.arange(tables.shape[1] * page)[None] < lens[:, None])[..., None, None]
+    k = jnp.where(valid, dense(kp), 0.0)
+    v = jnp.where(valid, dense(vp), 0.0)
+    want = decode_attention.gqa(q, k, v, kv_seq_len=lens, interpret=True, k_splits=2, block_k=32)
+    got = paged_attention(q, kp, vp, lens, tables)
+    assert max_err(got, want) <= 1e-5
+
+
+# (heads, kv_heads, head_dim, page, kv_lens, q_lens, dtype)
+RAGGED_CASES = [
+    (8, 2, 64, 16, [1, 37, 50, 20], [1, 5, 50, 0], jnp.float32),
+    (9, 3, 128, 16, [100, 17], [1, 17], jnp.float32),
+    (8, 1, 64, 8, [5, 64, 65], [5, 1, 33], jnp.bfloat16),
+    (8, 8, 64, 16, [40, 16, 3], [40, 3, 1], jnp.bfloat16),
+]
+
+
+def ragged_inputs(h, kh, d, page, kv_lens, q_lens, dtype, pad=3):
+    kp, vp, lens, tables = make_paged(h, kh, d, page, kv_lens, dtype)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    q = jax.random.normal(jax.random.PRNGKey(3), (int(cu[-1]) + pad, h, d), dtype)
+    return q, kp, vp, lens, tables, cu
+
+
+@pytest.mark.parametrize("h,kh,d,page,kv_lens,q_lens,dtype", RAGGED_CASES)
+def test_ragged_paged_attention_matches_reference(h, kh, d, page, kv_lens, q_lens, dtype):
+    args = ragged_inputs(h, kh, d, page, kv_lens, q_lens, dtype)
+    n = len(kv_lens)
+    got = ragged_paged_attention(*args, n, block_q=4, pages_per_block=2)
+    want = ragged_paged_attention_reference(*args, n, sm_scale=d**-0.5)
+    assert not bool(jnp.isnan(got).any())
+    assert max_err(got, want) <= TOL[dtype]
+    assert float(jnp.max(jnp.abs(got[int(args[-1][-1]) :]))) == 0.0  # rows past the last seq
+
+
+def test_ragged_paged_attention_window_and_unused_slots():
+    args = ragged_inputs(8, 2, 64, 16, [40, 16, 9], [40, 3, 2], jnp.float32)
+    got = ragged_paged_attention(*args, 2, sliding_window=7)  # third sequence not in use
+    want = ragged_paged_attention_reference(*args, 2, sm_scale=0.125, sliding_window=7)
+    assert max_err(got, want) <= 2e-5
+    assert float(jnp.max(jnp.abs(got[43:]))) == 0.0
+
+
+def test_ragged_paged_attention_matches_jax_tpu_oracle():
+    """`ref_ragged_paged_attention` from jax's TPU ops (K/V pages combined, interleaved)."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as rpa
+
+    kv_lens, q_lens = [50, 17, 33], [10, 1, 33]
+    q, kp, vp, lens, tables, cu = ragged_inputs(8, 2, 64, 16, kv_lens, q_lens, jnp.float32)
+    # jax's layout: [pages, page_size, 2 * K, D], K and V interleaved per head.
+    combined = jnp.stack([kp, vp], axis=1).reshape(4, *kp.shape[1:])  # [2K, P, page, D]
+    combined = jnp.transpose(combined, (1, 2, 0, 3))
+    safe_tables = jnp.where(tables < kp.shape[1], tables, 0)
+    want = rpa.ref_ragged_paged_attention(
+        q, combined, lens, safe_tables, cu, jnp.array([3], jnp.int32), sm_scale=0.125
+    )
+    got = ragged_paged_attention(q, kp, vp, lens, tables, cu, 3)
+    assert max_err(got[: int(cu[-1])], want) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering for real GPUs needs no GPU: the Pallas GPU lowering runs in Python at lower time.
+
+
+def test_kernels_lower_for_cuda():
+    S = jax.ShapeDtypeStruct
+    lower = lambda f, *a: jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",)).as_text()
+    q, kv = S((1, 256, 8, 128), jnp.bfloat16), S((1, 256, 2, 128), jnp.bfloat16)
+    fwd = lambda q, k, v: flash_attention(q, k, v, causal=True, interpret=False, platform="gpu")
+    assert "flash_attention_fwd" in lower(fwd, q, kv, kv)
+    grad = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+    text = lower(grad, q, kv, kv)
+    assert "flash_attention_dkv" in text and "flash_attention_dq" in text
+    pages, i32 = S((2, 64, 16, 128), jnp.bfloat16), jnp.int32
+    dec = lambda *a: paged_attention(*a, interpret=False, platform="gpu")
+    decode_args = (S((4, 8, 128), jnp.bfloat16), pages, pages, S((4,), i32), S((4, 16), i32))
+    assert "paged_attention" in lower(dec, *decode_args)
+    rag = lambda *a: ragged_paged_attention(*a, 4, interpret=False, platform="gpu")
+    ragged_args = (S((64, 8, 128), jnp.bfloat16), pages, pages, S((4,), i32), S((4, 16), i32))
+    assert "ragged_paged_attention" in lower(rag, *ragged_args, S((5,), i32))
+
+
+# ---------------------------------------------------------------------------------------------
+# The full matrix of the issue (slow).
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "dtype,heads,d,t",
+    list(
+        itertools.product(
+            [jnp.float32, jnp.bfloat16], [(8, 8), (8, 2), (8, 1), (9, 3)], [64, 128], [1, 17, 64]
+        )
+    ),  # fmt: skip
+)
+def test_full_matrix(dtype, heads, d, t):
+    h, kh = heads
+    check_flash(1, t, t + 7, h, kh, d, dtype, causal=True)
+    kp, vp, lens, tables = make_paged(h, kh, d, 16, [0, t, t + 40], dtype)
+    q = jax.random.normal(jax.random.PRNGKey(0), (3, h, d), dtype)
+    got = paged_attention(q, kp, vp, lens, tables, num_splits=2, pages_per_block=1)
+    assert (
+        max_err(got, paged_attention_reference(q, kp, vp, lens, tables, sm_scale=d**-0.5))
+        <= (TOL[dtype])
+    )
+    args = ragged_inputs(h, kh, d, 16, [t, t + 40, 5], [t, 1, 5], dtype)
+    got = ragged_paged_attention(*args, 3)
+    want = ragged_paged_attention_reference(*args, 3, sm_scale=d**-0.5)
+    assert max_err(got, want) <= TOL[dtype]
