@@ -59,6 +59,11 @@ class _Static:
     blocks: BlockSizes
     platform: str
     interpret: bool
+    kv_layout: str = "bskd"  # or "bksd": K/V head-major, as a KV cache is kept
+
+    @property
+    def kv_seq_axis(self) -> int:
+        return 1 if self.kv_layout == "bskd" else 2
 
 
 def flash_attention(
@@ -70,6 +75,8 @@ def flash_attention(
     sm_scale: float | None = None,
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
     sliding_window: int | None = None,
+    q_offset: int | jax.Array | None = None,
+    kv_layout: str = "bskd",
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     platform: str | None = None,
@@ -84,6 +91,10 @@ def flash_attention(
       segment_ids: int32 [B, S] when T == S, or a pair ([B, T], [B, S]); queries see only keys
         with the same id (ragged or packed sequences).
       sliding_window: hide keys W or more positions behind the query.
+      q_offset: position of query 0 among the keys (may be traced); default S - T. A prefill
+        chunk written at cache slot c of a longer cache passes c.
+      kv_layout: "bskd" (k, v [B, S, K, D]) or "bksd" ([B, K, S, D], a head-major KV cache,
+        read in place).
       block_sizes: tile sizes (BlockSizes()).
       interpret: run the Pallas interpreter; default: on CPU.
       platform: "gpu" or "tpu" kernels; default: the backend's (CPU interprets "gpu").
@@ -92,31 +103,36 @@ def flash_attention(
       [B, T, H, D] in q's dtype. A query that sees no key gets zeros.
     """
     b, t, h, d = q.shape
+    if kv_layout not in ("bskd", "bksd"):
+        raise ValueError(f"flash_attention: kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(
-            f"flash_attention: k and v must be [B, S, K, D] matching q {q.shape}; "
+            f"flash_attention: k and v must be [B, S, K, D] ({kv_layout}) matching q {q.shape}; "
             f"got k {k.shape}, v {v.shape}"
         )
-    check_gqa(h, k.shape[2], "flash_attention")
+    s_len, kh = (k.shape[1], k.shape[2]) if kv_layout == "bskd" else (k.shape[2], k.shape[1])
+    check_gqa(h, kh, "flash_attention")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"flash_attention: sliding_window must be >= 1, got {sliding_window}")
-    q_seg, kv_seg = _segments(segment_ids, b, t, k.shape[1])
+    q_seg, kv_seg = _segments(segment_ids, b, t, s_len)
     platform, interpret = resolve_platform(platform, interpret)
     static = _Static(
         causal=causal,
         sm_scale=float(d**-0.5 if sm_scale is None else sm_scale),
         window=sliding_window,
         t=t,
-        s=k.shape[1],
+        s=s_len,
         has_segments=q_seg is not None,
         blocks=block_sizes or BlockSizes(),
         platform=platform,
         interpret=interpret,
+        kv_layout=kv_layout,
     )
     if q_seg is None:
         q_seg = jnp.zeros((b, t), jnp.int32)
-        kv_seg = jnp.zeros((b, k.shape[1]), jnp.int32)
-    return _flash(q, k, v, q_seg, kv_seg, static)
+        kv_seg = jnp.zeros((b, s_len), jnp.int32)
+    offset = jnp.reshape(jnp.asarray(s_len - t if q_offset is None else q_offset, jnp.int32), (1,))
+    return _flash(q, k, v, q_seg, kv_seg, offset, static)
 
 
 def _segments(segment_ids, b, t, s):
@@ -139,36 +155,53 @@ def _segments(segment_ids, b, t, s):
     return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, kv_seg, static):
-    return _forward(q, k, v, q_seg, kv_seg, static)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, q_seg, kv_seg, offset, static):
+    return _forward(q, k, v, q_seg, kv_seg, offset, static)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, static):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, static)
-    return out, (q, k, v, q_seg, kv_seg, out, lse)
+def _flash_fwd(q, k, v, q_seg, kv_seg, offset, static):
+    out, lse = _forward(q, k, v, q_seg, kv_seg, offset, static)
+    return out, (q, k, v, q_seg, kv_seg, offset, out, lse)
 
 
 def _flash_bwd(static, res, do):
-    q, k, v, q_seg, kv_seg, out, lse = res
-    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, do, static)
-    return dq, dk, dv, None, None
+    q, k, v, q_seg, kv_seg, offset, out, lse = res
+    dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, offset, out, lse, do, static)
+    return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _forward(q, k, v, q_seg, kv_seg, st: _Static):
+def _forward(q, k, v, q_seg, kv_seg, offset, st: _Static):
     if st.platform == "tpu":
         from pallas_kernels.flash_attention_tpu import flash_forward_tpu
 
-        return flash_forward_tpu(q, k, v, q_seg, kv_seg, st)
-    return _forward_gpu(q, k, v, q_seg, kv_seg, st)
+        return flash_forward_tpu(q, k, v, q_seg, kv_seg, offset, st)
+    return _forward_gpu(q, k, v, q_seg, kv_seg, offset, st)
 
 
-def _backward(q, k, v, q_seg, kv_seg, out, lse, do, st: _Static):
+def _backward(q, k, v, q_seg, kv_seg, offset, out, lse, do, st: _Static):
     # One portable pair of backward kernels (dK/dV, then dQ) serves both families.
-    return _backward_gpu(q, k, v, q_seg, kv_seg, out, lse, do, st)
+    return _backward_gpu(q, k, v, q_seg, kv_seg, offset, out, lse, do, st)
+
+
+def _kv_spec(st: _Static, rows: int, d: int, index):
+    """BlockSpec of a K/V tile of `rows` keys; index(grid...) -> (batch, kv_head, key block)."""
+    if st.kv_layout == "bskd":
+        return pl.BlockSpec((None, rows, None, d), lambda *g: _bskd(index(*g)))
+    return pl.BlockSpec((None, None, rows, d), lambda *g: _bksd(index(*g)))
+
+
+def _bskd(idx):
+    b, h, j = idx
+    return (b, j, h, 0)
+
+
+def _bksd(idx):
+    b, h, j = idx
+    return (b, h, j, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,10 +255,11 @@ def _padded(x, axis, size):
 # GPU forward: grid (batch, query head, query tile); a loop over key tiles inside.
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, st: _Static, bq, bk):
+def _fwd_kernel(
+    off_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, st: _Static, bq, bk
+):
     i = pl.program_id(2)
-    offset = st.s - st.t
-    q_first = i * bq + offset
+    q_first = i * bq + off_ref[0]
     rows = q_first + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     q = q_ref[...]
     q_seg = qs_ref[...] if st.has_segments else None
@@ -264,23 +298,25 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, st: _Sta
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
 
 
-def _forward_gpu(q, k, v, q_seg, kv_seg, st: _Static):
+def _forward_gpu(q, k, v, q_seg, kv_seg, offset, st: _Static):
     b, t, h, d = q.shape
-    kh = k.shape[2]
-    g = h // kh
+    g = h // k.shape[3 - st.kv_seq_axis]
     bq = min(st.blocks.block_q, round_up(t, 16))
     bk = min(st.blocks.block_k, round_up(st.s, 16))
     tp, sp = round_up(t, bq), round_up(st.s, bk)
-    qp, kp, vp = _padded(q, 1, tp), _padded(k, 1, sp), _padded(v, 1, sp)
+    ax = st.kv_seq_axis
+    qp, kp, vp = _padded(q, 1, tp), _padded(k, ax, sp), _padded(v, ax, sp)
     qsp, ksp = _padded(q_seg, 1, tp), _padded(kv_seg, 1, sp)
     kernel = functools.partial(_fwd_kernel, st=st, bq=bq, bk=bk)
+    whole_kv = _kv_spec(st, sp, d, lambda b_, h_, i: (b_, h_ // g, 0))
     out, lse = pl.pallas_call(
         kernel,
         grid=(b, h, tp // bq),
         in_specs=[
+            pl.BlockSpec((1,), lambda b_, h_, i: (0,)),
             pl.BlockSpec((None, bq, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
-            pl.BlockSpec((None, sp, None, d), lambda b_, h_, i: (b_, 0, h_ // g, 0)),
-            pl.BlockSpec((None, sp, None, d), lambda b_, h_, i: (b_, 0, h_ // g, 0)),
+            whole_kv,
+            whole_kv,
             pl.BlockSpec((None, bq), lambda b_, h_, i: (b_, i)),
             pl.BlockSpec((None, sp), lambda b_, h_, i: (b_, 0)),
         ],
@@ -297,7 +333,7 @@ def _forward_gpu(q, k, v, q_seg, kv_seg, st: _Static):
         if st.interpret
         else gpu_compiler_params(st.blocks.num_warps, st.blocks.num_stages),
         name="flash_attention_fwd",
-    )(qp, kp, vp, qsp, ksp)
+    )(offset, qp, kp, vp, qsp, ksp)
     return out[:, :t], lse[:, :, :t]
 
 
@@ -307,9 +343,8 @@ def _forward_gpu(q, k, v, q_seg, kv_seg, st: _Static):
 # looping over key tiles as the forward does. delta = rowsum(dO * O) comes from XLA.
 
 
-def _q_tile_range(k_first, k_last, st: _Static, bq: int, nq: int):
+def _q_tile_range(k_first, k_last, offset, st: _Static, bq: int, nq: int):
     """Query tiles [lo, hi) that can see any key in positions [k_first, k_last]."""
-    offset = st.s - st.t
     lo = jnp.maximum(0, lax.div(jnp.maximum(k_first - offset, 0), bq)) if st.causal else 0
     hi = nq
     if st.window is not None:  # query position < k_last + window
@@ -318,16 +353,16 @@ def _q_tile_range(k_first, k_last, st: _Static, bq: int, nq: int):
 
 
 def _dkv_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref,
+    off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref,
     *, st: _Static, bq, bk, g, nq,
 ):  # fmt: skip
     kvh, j = pl.program_id(1), pl.program_id(2)
-    offset = st.s - st.t
+    offset = off_ref[0]
     kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     k, v = k_ref[...], v_ref[...]
     kv_seg = ks_ref[...] if st.has_segments else None
     scale = st.sm_scale * LOG2E
-    lo, hi = _q_tile_range(j * bk, j * bk + bk - 1, st, bq, nq)
+    lo, hi = _q_tile_range(j * bk, j * bk + bk - 1, offset, st, bq, nq)
 
     def q_tile(i, carry, head):
         dk, dv = carry
@@ -357,10 +392,11 @@ def _dkv_kernel(
 
 
 def _dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, *, st: _Static, bq, bk
-):
+    off_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref,
+    *, st: _Static, bq, bk,
+):  # fmt: skip
     i = pl.program_id(2)
-    q_first = i * bq + st.s - st.t
+    q_first = i * bq + off_ref[0]
     rows = q_first + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     q, do = q_ref[...], do_ref[...]
     lse2 = lse_ref[...] * LOG2E
@@ -384,9 +420,10 @@ def _dq_kernel(
     dq_ref[...] = (dq * st.sm_scale).astype(dq_ref.dtype)
 
 
-def _backward_gpu(q, k, v, q_seg, kv_seg, out, lse, do, st: _Static):
+def _backward_gpu(q, k, v, q_seg, kv_seg, offset, out, lse, do, st: _Static):
     b, t, h, d = q.shape
-    kh = k.shape[2]
+    ax = st.kv_seq_axis
+    kh = k.shape[3 - ax]
     g = h // kh
     bq = min(st.blocks.block_q_bwd, round_up(t, 16))
     bk = min(st.blocks.block_k_bwd, round_up(st.s, 16))
@@ -398,8 +435,11 @@ def _backward_gpu(q, k, v, q_seg, kv_seg, out, lse, do, st: _Static):
     qp, dop = _padded(q, 1, tp), _padded(do, 1, tp)
     lsep = jnp.pad(lse, ((0, 0), (0, 0), (0, tp - t)), constant_values=jnp.inf)
     deltap = _padded(delta, 2, tp)
-    kp, vp = _padded(k, 1, sp), _padded(v, 1, sp)
+    kp, vp = _padded(k, ax, sp), _padded(v, ax, sp)
     qsp, ksp = _padded(q_seg, 1, tp), _padded(kv_seg, 1, sp)
+    kv_tile = _kv_spec(st, bk, d, lambda b_, kv, j: (b_, kv, j))
+    whole_kv = _kv_spec(st, sp, d, lambda b_, h_, i: (b_, h_ // g, 0))
+    off_spec = pl.BlockSpec((1,), lambda *_: (0,))
     params = (
         None if st.interpret else gpu_compiler_params(st.blocks.num_warps, st.blocks.num_stages)
     )
@@ -409,31 +449,30 @@ def _backward_gpu(q, k, v, q_seg, kv_seg, out, lse, do, st: _Static):
         functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk, g=g, nq=nq),
         grid=(b, kh, sp // bk),
         in_specs=[
+            off_spec,
             full_q,
-            pl.BlockSpec((None, bk, None, d), lambda b_, kv, j: (b_, j, kv, 0)),
-            pl.BlockSpec((None, bk, None, d), lambda b_, kv, j: (b_, j, kv, 0)),
+            kv_tile,
+            kv_tile,
             full_q,
             full_rows,
             full_rows,
             pl.BlockSpec((None, tp), lambda b_, kv, j: (b_, 0)),
             pl.BlockSpec((None, bk), lambda b_, kv, j: (b_, j)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, bk, None, d), lambda b_, kv, j: (b_, j, kv, 0)),
-            pl.BlockSpec((None, bk, None, d), lambda b_, kv, j: (b_, j, kv, 0)),
-        ],
+        out_specs=[kv_tile, kv_tile],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype)] * 2,
         interpret=st.interpret,
         compiler_params=params,
         name="flash_attention_dkv",
-    )(qp, kp, vp, dop, lsep, deltap, qsp, ksp)
+    )(offset, qp, kp, vp, dop, lsep, deltap, qsp, ksp)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, bq=bq, bk=bk),
         grid=(b, h, nq),
         in_specs=[
+            off_spec,
             pl.BlockSpec((None, bq, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
-            pl.BlockSpec((None, sp, None, d), lambda b_, h_, i: (b_, 0, h_ // g, 0)),
-            pl.BlockSpec((None, sp, None, d), lambda b_, h_, i: (b_, 0, h_ // g, 0)),
+            whole_kv,
+            whole_kv,
             pl.BlockSpec((None, bq, None, d), lambda b_, h_, i: (b_, i, h_, 0)),
             pl.BlockSpec((None, None, bq), lambda b_, h_, i: (b_, h_, i)),
             pl.BlockSpec((None, None, bq), lambda b_, h_, i: (b_, h_, i)),
@@ -445,5 +484,8 @@ def _backward_gpu(q, k, v, q_seg, kv_seg, out, lse, do, st: _Static):
         interpret=st.interpret,
         compiler_params=params,
         name="flash_attention_dq",
-    )(qp, kp, vp, dop, lsep, deltap, qsp, ksp)
-    return dq[:, :t], dk[:, : st.s], dv[:, : st.s]
+    )(offset, qp, kp, vp, dop, lsep, deltap, qsp, ksp)
+    keys = slice(0, st.s)
+    if ax == 1:
+        return dq[:, :t], dk[:, keys], dv[:, keys]
+    return dq[:, :t], dk[:, :, keys], dv[:, :, keys]

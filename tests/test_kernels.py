@@ -308,3 +308,29 @@ def test_full_matrix(dtype, heads, d, t):
     got = ragged_paged_attention(*args, 3)
     want = ragged_paged_attention_reference(*args, 3, sm_scale=d**-0.5)
     assert max_err(got, want) <= TOL[dtype]
+
+
+def test_flash_attention_head_major_kv_and_traced_offset():
+    """kv_layout="bksd" reads a [B, K, S, D] cache in place; q_offset (traced) places a chunk
+    of queries at cache slot c: the same as the reference over the first c + T keys."""
+    q, k, v, do = qkv(2, 10, 50, 8, 2, 64, jnp.float32)
+    c = 20
+    ref = lambda q, k, v: flash_attention_reference(
+        q, k[:, : c + 10], v[:, : c + 10], causal=True, sm_scale=0.125
+    )
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    @jax.jit
+    def ours(q, kt, vt, c):
+        return flash_attention(
+            q, kt, vt, causal=True, q_offset=c, kv_layout="bksd", block_sizes=SMALL
+        )
+
+    assert max_err(ours(q, kt, vt, jnp.int32(c)), ref(q, k, v)) <= 2e-5
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * do)
+    dq, dkt, dvt = jax.grad(loss(ours), argnums=(0, 1, 2))(q, kt, vt, jnp.int32(c))
+    rq, rk, rv = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    assert max_err(dq, rq) <= 2e-5
+    assert max_err(dkt.transpose(0, 2, 1, 3), rk) <= 2e-5
+    assert max_err(dvt.transpose(0, 2, 1, 3), rv) <= 2e-5
+    assert float(jnp.max(jnp.abs(dkt[:, :, c + 10 :]))) == 0.0
