@@ -1,8 +1,16 @@
 """Attention backends: the score/softmax/value step the model calls.
 
-Every backend takes q [B, T, K, G, D], k/v [B, K, S, D], mask [B, T, S] (True = attend) and
-`sm_scale`, and returns [B, T, K, G, D]. `xla` is the pure-jnp reference; the Pallas kernels
-register here as `flash` and `paged`.
+Every backend takes q [B, T, K, G, D], k/v [B, K, S, D] (the head-major KV cache), mask
+[B, T, S] (True = attend), `sm_scale` and `q_offset` (the cache slot of query 0), and returns
+[B, T, K, G, D].
+
+- `xla`: the pure-jnp reference; honours any mask.
+- `flash`: the Pallas flash kernel, reading the cache in place. It relies on the masks the
+  model's callers build: causal from `q_offset`, and per-row key validity (left padding, the
+  unwritten cache tail), which it takes from the mask's last query row as segment ids.
+- `auto`: `flash` on GPU and TPU, `xla` on CPU (where Pallas only interprets).
+
+The paged and ragged kernels serve the engine's paged cache, not this contiguous one.
 """
 
 from __future__ import annotations
@@ -10,11 +18,40 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jaxllm.errors import JaxLLMError
+from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.reference import attention_reference
 
-_BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": attention_reference}
+
+def _xla(q, k, v, mask, *, sm_scale, q_offset=None):
+    del q_offset  # the dense mask says everything
+    return attention_reference(q, k, v, mask, sm_scale=sm_scale)
+
+
+def _flash(q, k, v, mask, *, sm_scale, q_offset=None, interpret=None):
+    b, t, kh, g, d = q.shape
+    s = k.shape[2]
+    if mask is None:
+        kv_valid = jnp.ones((b, s), jnp.int32)
+    else:
+        kv_valid = mask[:, -1, :].astype(jnp.int32)
+    out = flash_attention(
+        q.reshape(b, t, kh * g, d),
+        k,
+        v,
+        causal=True,
+        sm_scale=sm_scale,
+        segment_ids=(jnp.ones((b, t), jnp.int32), kv_valid),
+        q_offset=0 if q_offset is None else q_offset,
+        kv_layout="bksd",
+        interpret=interpret,
+    )
+    return out.reshape(b, t, kh, g, d)
+
+
+_BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla, "flash": _flash}
 
 
 def register_attention(name: str, fn: Callable[..., jax.Array]) -> None:
@@ -26,9 +63,9 @@ def available_backends() -> tuple[str, ...]:
 
 
 def resolve_backend(name: str) -> str:
-    """`auto` is the reference on CPU; Pallas kernels take over on GPU/TPU once registered."""
+    """`auto` is the reference on CPU and the flash kernel on GPU/TPU."""
     if name == "auto":
-        return "xla"
+        return "xla" if jax.default_backend() == "cpu" else "flash"
     if name not in _BACKENDS:
         raise JaxLLMError(
             f"unknown attention backend {name!r}; available: {', '.join(available_backends())}"

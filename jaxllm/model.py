@@ -161,7 +161,8 @@ class Attention(nnx.Module):
             idx = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), idx)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), idx)
-        out = attention_fn(q, k, v, mask, sm_scale=d**-0.5)
+        q_offset = 0 if cache_index is None else cache_index
+        out = attention_fn(q, k, v, mask, sm_scale=d**-0.5, q_offset=q_offset)
         return self.o(out.reshape(b, t, k_ * g * d)), (k, v)
 
 
