@@ -183,8 +183,31 @@ def _forward(q, k, v, q_seg, kv_seg, offset, st: _Static):
 
 
 def _backward(q, k, v, q_seg, kv_seg, offset, out, lse, do, st: _Static):
-    # One portable pair of backward kernels (dK/dV, then dQ) serves both families.
+    if st.platform == "tpu":  # no TPU backward kernel yet: differentiate the dense form
+        _, vjp = jax.vjp(lambda q, k, v: _dense(q, k, v, q_seg, kv_seg, offset, st), q, k, v)
+        return vjp(do)
     return _backward_gpu(q, k, v, q_seg, kv_seg, offset, out, lse, do, st)
+
+
+def _dense(q, k, v, q_seg, kv_seg, offset, st: _Static):
+    """The same attention as one dense softmax (O(T * S) memory)."""
+    if st.kv_layout == "bksd":
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    qpos = offset[0] + jnp.arange(t)[:, None]
+    kpos = jnp.arange(st.s)[None, :]
+    mask = _tile_mask(qpos, kpos, q_seg[:, :, None], kv_seg[:, None, :], st, batched=True)
+    mask = jnp.broadcast_to(mask, (b, t, st.s))
+    s = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kh, h // kh, d), k,
+                   preferred_element_type=jnp.float32) * st.sm_scale  # fmt: skip
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(l > 0, l, 1.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
+    return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 def _kv_spec(st: _Static, rows: int, d: int, index):
@@ -209,15 +232,16 @@ def _bksd(idx):
 # i * block_q + r + (S - T); key column c of tile j at j * block_k + c.
 
 
-def _tile_mask(qpos, kpos, q_seg, kv_seg, st: _Static):
-    """[bq, bk] bool for absolute query positions [bq, 1] and key positions [1, bk]."""
+def _tile_mask(qpos, kpos, q_seg, kv_seg, st: _Static, batched: bool = False):
+    """[bq, bk] bool for absolute query positions [bq, 1] and key positions [1, bk] (segment
+    ids [bq] and [bk]; or already broadcastable when `batched`)."""
     mask = kpos < st.s  # keys padded up to the tile size
     if st.causal:
         mask &= kpos <= qpos
     if st.window is not None:
         mask &= qpos - kpos < st.window
     if st.has_segments:
-        mask &= q_seg[:, None] == kv_seg[None, :]
+        mask = mask & (q_seg == kv_seg if batched else q_seg[:, None] == kv_seg[None, :])
     return mask
 
 

@@ -334,3 +334,46 @@ def test_flash_attention_head_major_kv_and_traced_offset():
     assert max_err(dkt.transpose(0, 2, 1, 3), rk) <= 2e-5
     assert max_err(dvt.transpose(0, 2, 1, 3), rv) <= 2e-5
     assert float(jnp.max(jnp.abs(dkt[:, :, c + 10 :]))) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# TPU family: Mosaic TPU interpreter (out-of-bounds reads raise, fresh memory is NaN) and the
+# Mosaic lowering itself, both on CPU.
+
+
+def test_tpu_flash_forward_interpret():
+    q, k, v, do = qkv(1, 40, 200, 4, 2, 128, jnp.float32)
+    kw = dict(causal=True, sliding_window=70)
+    got = flash_attention(
+        q, k, v, platform="tpu", interpret=True, block_sizes=BlockSizes(block_q=16), **kw
+    )
+    assert max_err(got, flash_attention_reference(q, k, v, sm_scale=128**-0.5, **kw)) <= 2e-5
+    seg = (jnp.arange(64)[None] >= 30).astype(jnp.int32)
+    q, k, v, _ = qkv(1, 64, 64, 4, 4, 128, jnp.float32)
+    got = flash_attention(q, k, v, causal=False, segment_ids=seg, platform="tpu", interpret=True)
+    want = flash_attention_reference(q, k, v, causal=False, segment_ids=seg, sm_scale=128**-0.5)
+    assert max_err(got, want) <= 2e-5
+
+
+def test_tpu_paged_attention_interpret_reads_only_live_pages():
+    """Block-table entries past each length are out-of-range page ids: the TPU interpreter
+    raises on any such DMA, and unused pages are NaN."""
+    kp, vp, lens, tables = make_paged(9, 3, 128, 16, [0, 1, 37, 200], jnp.float32)
+    q = jax.random.normal(jax.random.PRNGKey(1), (4, 9, 128), jnp.float32)
+    got = paged_attention(q, kp, vp, lens, tables, platform="tpu", interpret=True)
+    want = paged_attention_reference(q, kp, vp, lens, tables, sm_scale=128**-0.5)
+    assert max_err(got, want) <= 2e-5
+
+
+def test_kernels_lower_for_tpu():
+    S = jax.ShapeDtypeStruct
+    lower = lambda f, *a: jax.jit(f).trace(*a).lower(lowering_platforms=("tpu",)).as_text()
+    q, kv = S((1, 1024, 8, 128), jnp.bfloat16), S((1, 1024, 2, 128), jnp.bfloat16)
+    fwd = lambda q, k, v, s: flash_attention(
+        q, k, v, causal=True, segment_ids=s, sliding_window=300, interpret=False, platform="tpu"
+    )
+    assert "tpu_custom_call" in lower(fwd, q, kv, kv, S((1, 1024), jnp.int32))
+    pages = S((2, 64, 16, 128), jnp.bfloat16)
+    dec = lambda *a: paged_attention(*a, interpret=False, platform="tpu")
+    decode_args = (S((4, 8, 128), jnp.bfloat16), pages, pages)
+    assert "tpu_custom_call" in lower(dec, *decode_args, S((4,), jnp.int32), S((4, 16), jnp.int32))
