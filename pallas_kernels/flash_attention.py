@@ -44,6 +44,7 @@ class BlockSizes:
     block_k_bwd: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    mosaic_gpu: bool = True  # Hopper fast path for the forward where it applies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,7 @@ class _Static:
     platform: str
     interpret: bool
     kv_layout: str = "bskd"  # or "bksd": K/V head-major, as a KV cache is kept
+    static_offset: bool = True  # q_offset is the default S - T
 
     @property
     def kv_seq_axis(self) -> int:
@@ -127,6 +129,7 @@ def flash_attention(
         platform=platform,
         interpret=interpret,
         kv_layout=kv_layout,
+        static_offset=q_offset is None,
     )
     if q_seg is None:
         q_seg = jnp.zeros((b, t), jnp.int32)
@@ -179,6 +182,11 @@ def _forward(q, k, v, q_seg, kv_seg, offset, st: _Static):
         from pallas_kernels.flash_attention_tpu import flash_forward_tpu
 
         return flash_forward_tpu(q, k, v, q_seg, kv_seg, offset, st)
+    if st.blocks.mosaic_gpu and st.static_offset:
+        from pallas_kernels import flash_attention_mgpu
+
+        if flash_attention_mgpu.supported(q, k, st):
+            return flash_attention_mgpu.flash_forward_mgpu(q, k, v, st)
     return _forward_gpu(q, k, v, q_seg, kv_seg, offset, st)
 
 

@@ -377,3 +377,42 @@ def test_kernels_lower_for_tpu():
     dec = lambda *a: paged_attention(*a, interpret=False, platform="tpu")
     decode_args = (S((4, 8, 128), jnp.bfloat16), pages, pages)
     assert "tpu_custom_call" in lower(dec, *decode_args, S((4,), jnp.int32), S((4, 16), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hopper fast path (Mosaic GPU): the kernel's pipeline (TMA ring, barriers between the producer
+# and two compute warpgroups, causal tiles, lse) under the Mosaic GPU interpreter, where the two
+# wgmma calls are emulated by dots; and its real lowering, wgmma included.
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mosaic_gpu_forward_interpret(causal):
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    from pallas_kernels import flash_attention_mgpu as fm
+    from pallas_kernels.flash_attention import _Static
+
+    b, t, s, h, kh, d = 1, 128, 384, 2, 1, 64
+    q, k, v, _ = qkv(b, t, s, h, kh, d, jnp.bfloat16)
+    st = _Static(causal=causal, sm_scale=d**-0.5, window=None, t=t, s=s, has_segments=False,
+                 blocks=BlockSizes(), platform="gpu", interpret=True)  # fmt: skip
+    out, lse = fm.flash_forward_mgpu(q, k, v, st, interpret=InterpretGPUParams())
+    want, want_lse = flash_attention_reference(
+        q, k, v, causal=causal, sm_scale=d**-0.5, return_lse=True
+    )
+    assert max_err(out, want) <= TOL[jnp.bfloat16]
+    assert max_err(lse, want_lse) <= 1e-4
+
+
+def test_mosaic_gpu_forward_lowers_for_cuda():
+    from pallas_kernels import flash_attention_mgpu as fm
+    from pallas_kernels.flash_attention import _Static
+
+    S = jax.ShapeDtypeStruct
+    q, kv = S((1, 1024, 16, 128), jnp.bfloat16), S((1, 1024, 4, 128), jnp.bfloat16)
+    st = _Static(
+        causal=True, sm_scale=128**-0.5, window=None, t=1024, s=1024, has_segments=False,
+        blocks=BlockSizes(), platform="gpu", interpret=False,
+    )  # fmt: skip
+    lowered = jax.jit(lambda *a: fm.flash_forward_mgpu(*a, st)).trace(q, kv, kv)
+    assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
