@@ -69,10 +69,10 @@ def attention_check(b, t, h, kv, d, dtype):
     return rows
 
 
-def decode_check(model: str, batch: int, new_tokens: int, dtype: str):
+def decode_check(model: str, batch: int, new_tokens: int, dtype: str, attention: str = "auto"):
     from jaxllm import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, log=lambda *a: None)
+    llm = LLM(model, dtype=dtype, attention=attention, log=lambda *a: None)
     prompts = [list(range(1, 129))] * batch
     p = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts, p)
@@ -85,6 +85,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="also sweep paged-decode launches")
     args = ap.parse_args()
     import kernels  # benchmarks/kernels.py: kernel checks and throughput tables
 
@@ -94,6 +95,8 @@ def main():
     print(f"(checks took {time.perf_counter() - t0:.0f} s)", flush=True)
     kernels.flash_table(args.quick)
     kernels.paged_table(args.quick)
+    if args.tune:
+        kernels.paged_tuning(args.quick)
     print(f"(kernel tables done at {time.perf_counter() - t0:.0f} s)", flush=True)
     if args.no_decode:
         return 1 if kernels.FAILED else 0
@@ -101,12 +104,15 @@ def main():
         [("tiny", 1, 16)] if args.quick else [("llama-3.2-1b", 1, 128), ("llama-3.2-1b", 16, 128)]
     )
     dtypes = ("float32",) if args.quick else ("bfloat16",)
-    print("\n| decode (random weights) | batch | dtype | decode tok/s | prefill tok/s |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| decode (random weights) | batch | dtype | attention | decode tok/s | prefill tok/s |"
+    )
+    print("|---|---|---|---|---|---|")
     for model, batch, new in decode:
         for dt in dtypes:
-            tps, pps = decode_check(model, batch, new, dt)
-            print(f"| {model} | {batch} | {dt} | {tps:.1f} | {pps:.0f} |", flush=True)
+            for attn in ("xla", "flash"):
+                tps, pps = decode_check(model, batch, new, dt, attn)
+                print(f"| {model} | {batch} | {dt} | {attn} | {tps:.1f} | {pps:.0f} |", flush=True)
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     if kernels.FAILED:
         print(f"FAILED checks: {kernels.FAILED}")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.reference import (
@@ -124,9 +124,14 @@ def checks(quick: bool) -> None:
 
 def flash_table(quick: bool) -> None:
     on_gpu = jax.default_backend() == "gpu"
-    seqs = [128] if quick else [1024, 2048, 4096, 8192, 16384]
+    seqs = [128] if quick else [1024, 4096, 16384]
     h, d, dtype = (4, 64, jnp.float32) if quick else (16, 128, jnp.bfloat16)
     impls = {"jaxllm flash": lambda q, k, v, c: flash_attention(q, k, v, causal=c)}
+    if on_gpu:  # the portable (Triton) kernels alone, without the Hopper forward
+        portable = BlockSizes(mosaic_gpu=False)
+        impls["jaxllm portable"] = lambda q, k, v, c: flash_attention(
+            q, k, v, causal=c, block_sizes=portable
+        )
     impls["dpa[xla]"] = lambda q, k, v, c: jax.nn.dot_product_attention(
         q, k, v, is_causal=c, implementation="xla"
     )
@@ -209,16 +214,49 @@ def paged_table(quick: bool) -> None:
         )
 
 
+def paged_tuning(quick: bool) -> None:
+    """GB/s of paged decode at batch 64, context 4096 over launch choices (GPU)."""
+    b, ctx, h, kh, d, page = (64, 4096, 32, 8, 128, 16) if not quick else (2, 256, 8, 2, 64, 16)
+    args = random_paged(jax.random.PRNGKey(3), b, h, kh, d, page, ctx, jnp.bfloat16)
+    kv_bytes = 2 * b * ctx * kh * d * 2
+    print(f"\n| paged tuning B={b} ctx={ctx} | pages/block | splits | warps | stages | GB/s |")
+    print("|---|---|---|---|---|---|")
+    launches = ((4, 3), (8, 3))
+    grid = (
+        [(4, 1, 4, 3)]
+        if quick
+        else [(ppb, sp, w, st) for ppb in (4, 8, 16) for sp in (1, 2) for w, st in launches]
+    )
+    best = (0.0, None)
+    for ppb, sp, w, st in grid:
+        f = jax.jit(
+            lambda *a, ppb=ppb, sp=sp, w=w, st=st: paged_attention(
+                *a, pages_per_block=ppb, num_splits=sp, num_warps=w, num_stages=st
+            )
+        )
+        try:
+            gbs = kv_bytes / timed(f, *args) / 1e9
+        except Exception as e:  # a launch choice may not compile; report it and go on
+            print(f"| | {ppb} | {sp} | {w} | {st} | error: {type(e).__name__} |")
+            continue
+        best = max(best, (gbs, (ppb, sp, w, st)))
+        print(f"| | {ppb} | {sp} | {w} | {st} | {gbs:.0f} |", flush=True)
+    print(f"best: {best}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="sweep paged-decode launch choices")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()[0].device_kind}")
     if not args.skip_checks:
         checks(args.quick)
     flash_table(args.quick)
     paged_table(args.quick)
+    if args.tune:
+        paged_tuning(args.quick)
     if FAILED:
         print(f"\nFAILED checks: {FAILED}")
         return 1

@@ -44,6 +44,8 @@ def paged_attention(
     sm_scale: float | None = None,
     pages_per_block: int | None = None,
     num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
     interpret: bool | None = None,
     platform: str | None = None,
 ) -> jax.Array:
@@ -58,6 +60,7 @@ def paged_attention(
       sm_scale: default D ** -0.5.
       pages_per_block: pages loaded per loop step (GPU); default fills 64 keys.
       num_splits: sequence splits per (sequence, KV head) on GPU; default from the grid size.
+      num_warps, num_stages: GPU launch parameters.
       interpret, platform: as in `flash_attention`.
 
     Returns:
@@ -97,8 +100,9 @@ def paged_attention(
     gp = max(16, next_pow2(g))  # the dot wants >= 16 rows; extra rows are zero queries
     qg = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     o, m, l = _paged_gpu(
-        qg, k_pages, v_pages, lengths, tables, sm_scale, ppb, num_splits, interpret
-    )
+        qg, k_pages, v_pages, lengths, tables, sm_scale, ppb, num_splits, interpret,
+        (num_warps, num_stages),
+    )  # fmt: skip
     out = merge_partials(o, m, l)  # [B, K, gp, D]
     return out[:, :, :g].reshape(b, h, d).astype(q.dtype)
 
@@ -170,7 +174,7 @@ def _paged_kernel(
     l_ref[...] = l
 
 
-def _paged_gpu(qg, k_pages, v_pages, lengths, tables, sm_scale, ppb, num_splits, interpret):
+def _paged_gpu(qg, k_pages, v_pages, lengths, tables, sm_scale, ppb, num_splits, interpret, launch):
     b, kh, gp, d = qg.shape
     _, num_pages, page_size, _ = k_pages.shape
     n_blocks = tables.shape[1] // ppb
@@ -201,6 +205,6 @@ def _paged_gpu(qg, k_pages, v_pages, lengths, tables, sm_scale, ppb, num_splits,
             jax.ShapeDtypeStruct((b, kh, num_splits, gp), jnp.float32),
         ],
         interpret=interpret,
-        compiler_params=None if interpret else gpu_compiler_params(4, 3),
+        compiler_params=None if interpret else gpu_compiler_params(*launch),
         name="paged_attention",
     )(qg, k_pages, v_pages, lengths, tables)
