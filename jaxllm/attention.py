@@ -37,6 +37,17 @@ def _flash(q, k, v, mask, *, sm_scale, q_offset=None, interpret=None):
         kv_valid = jnp.ones((b, s), jnp.int32)
     else:
         kv_valid = mask[:, -1, :].astype(jnp.int32)
+    if t == 1:
+        # Decode: the G query heads of a group become G query rows of one head, so each
+        # program reads its KV head's cache once for the whole group. The valid keys are
+        # exactly the mask row, so no causal offset is needed.
+        rows = q.reshape(b, kh, g, d).transpose(0, 2, 1, 3)  # [B, G, K, D]
+        out = flash_attention(
+            rows, k, v, causal=False, sm_scale=sm_scale,
+            segment_ids=(jnp.ones((b, g), jnp.int32), kv_valid),
+            kv_layout="bksd", interpret=interpret,
+        )  # fmt: skip
+        return out.transpose(0, 2, 1, 3).reshape(b, 1, kh, g, d)
     out = flash_attention(
         q.reshape(b, t, kh * g, d),
         k,
