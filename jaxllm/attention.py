@@ -10,7 +10,9 @@ Every backend takes q [B, T, K, G, D], k/v [B, K, S, D] (the head-major KV cache
   unwritten cache tail), which it takes from the mask's last query row as segment ids.
 - `auto`: `flash` on GPU and TPU, `xla` on CPU (where Pallas only interprets).
 
-The paged and ragged kernels serve the engine's paged cache, not this contiguous one.
+- `paged`: for this contiguous cache, the same as `flash`; the engine's paged cache uses the
+  ragged paged kernel under `flash`/`paged` and its jnp reference under `xla`
+  (`get_paged_attention_fn`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import jax.numpy as jnp
 
 from jaxllm.errors import JaxLLMError
 from pallas_kernels.flash_attention import flash_attention
-from pallas_kernels.reference import attention_reference
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.reference import attention_reference, ragged_paged_attention_reference
 
 
 def _xla(q, k, v, mask, *, sm_scale, q_offset=None):
@@ -62,7 +65,14 @@ def _flash(q, k, v, mask, *, sm_scale, q_offset=None, interpret=None):
     return out.reshape(b, t, kh, g, d)
 
 
-_BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla, "flash": _flash}
+_BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla, "flash": _flash, "paged": _flash}
+
+# The engine's mixed steps over a paged cache (packed tokens, see `ragged_paged_attention`).
+_PAGED: dict[str, Callable[..., jax.Array]] = {
+    "xla": ragged_paged_attention_reference,
+    "flash": ragged_paged_attention,
+    "paged": ragged_paged_attention,
+}
 
 
 def register_attention(name: str, fn: Callable[..., jax.Array]) -> None:
@@ -86,3 +96,8 @@ def resolve_backend(name: str) -> str:
 
 def get_attention_fn(name: str) -> Callable[..., jax.Array]:
     return _BACKENDS[resolve_backend(name)]
+
+
+def get_paged_attention_fn(name: str) -> Callable[..., jax.Array]:
+    """The engine's attention over pages: the ragged kernel, or its jnp reference for `xla`."""
+    return _PAGED.get(resolve_backend(name), ragged_paged_attention)

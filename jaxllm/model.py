@@ -17,6 +17,7 @@ Weights are held transposed, [out, in], the layout XLA:CPU's few-row dots read f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,20 @@ from jaxllm.config import ModelConfig
 from jaxllm.cpu_kernels import linear
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: k, v each [B, K, S, D]
+PagedCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: k, v [K, pages, page, D]
 AttentionFn = Callable[..., jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedMeta:
+    """Where an engine step's packed tokens go and what they attend to (S sequence slots)."""
+
+    slot_mapping: jax.Array  # [T] int32 flat cache slot of each token; out of range = padding
+    kv_lens: jax.Array  # [S] int32 tokens cached per sequence, this step's included
+    block_tables: jax.Array  # [S, P] int32 pages of each sequence
+    cu_q_lens: jax.Array  # [S + 1] int32 offsets of each sequence's tokens in the step
+    num_seqs: jax.Array  # [] int32 sequence slots in use
 
 
 class Buffer(nnx.Variable):
@@ -165,6 +179,46 @@ class Attention(nnx.Module):
         out = attention_fn(q, k, v, mask, sm_scale=d**-0.5, q_offset=q_offset)
         return self.o(out.reshape(b, t, k_ * g * d)), (k, v)
 
+    def paged(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        inv_freq: jax.Array,
+        pages: tuple[jax.Array, jax.Array],
+        meta: PagedMeta,
+        paged_attention_fn: Callable[..., jax.Array],
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Packed tokens x [T, E] of many sequences over a paged cache.
+
+        pages: k, v [K, num_pages, page_size, D]. This step's K/V are written at
+        `meta.slot_mapping` (flat page * page_size + offset; out-of-range = padding, dropped).
+        """
+        t = x.shape[0]
+        k_, g, d = self.kv_heads, self.group, self.head_dim
+        qkv = self.qkv(x[None]).reshape(1, t, k_, g + 2, d)
+        q = apply_rope(qkv[:, :, :, :g], positions[None], inv_freq)[0]  # [T, K, G, D]
+        k = apply_rope(qkv[:, :, :, g], positions[None], inv_freq)[0]  # [T, K, D]
+        v = qkv[0, :, :, g + 1]
+        kp, vp = pages
+        kh, n_pages, page_size, _ = kp.shape
+        flat = (kh, n_pages * page_size, d)
+        kp = (
+            kp.reshape(flat)
+            .at[:, meta.slot_mapping]
+            .set(k.transpose(1, 0, 2).astype(kp.dtype), mode="drop")
+        )
+        vp = (
+            vp.reshape(flat)
+            .at[:, meta.slot_mapping]
+            .set(v.transpose(1, 0, 2).astype(vp.dtype), mode="drop")
+        )
+        kp, vp = kp.reshape(pages[0].shape), vp.reshape(pages[1].shape)
+        out = paged_attention_fn(
+            q.reshape(t, k_ * g, d), kp, vp, meta.kv_lens, meta.block_tables, meta.cu_q_lens,
+            meta.num_seqs, sm_scale=d**-0.5,
+        )  # fmt: skip
+        return self.o(out.reshape(1, t, k_ * g * d))[0], (kp, vp)
+
 
 class MLP(nnx.Module):
     def __init__(self, p: dict[str, np.ndarray], *, dtype: Any):
@@ -185,6 +239,13 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, p, dtype=dtype)
         self.mlp_norm = RMSNorm(p["mlp_norm"], eps=eps, dtype=dtype)
         self.mlp = MLP(p, dtype=dtype)
+
+    def paged(self, x, positions, inv_freq, pages, meta, paged_attention_fn):
+        h, pages = self.attn.paged(
+            self.attn_norm(x), positions, inv_freq, pages, meta, paged_attention_fn
+        )
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x[None]))[0], pages
 
     def __call__(self, x, positions, inv_freq, mask, kv, cache_index, attention_fn):
         h, kv = self.attn(
@@ -250,6 +311,43 @@ class Transformer(nnx.Module):
         else:
             logits = self.lm_head(x).astype(jnp.float32)
         return logits, tuple(new_cache)
+
+    def forward_paged(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        pages: PagedCache,
+        meta: PagedMeta,
+        logits_index: jax.Array,
+    ) -> tuple[jax.Array, PagedCache]:
+        """One engine step: packed tokens [T] and positions [T] of many sequences.
+
+        Returns float32 logits [S, V] at the packed rows `logits_index` [S] (each sequence's
+        last token this step) and the updated pages.
+        """
+        from jaxllm.attention import get_paged_attention_fn
+
+        fn = get_paged_attention_fn(self.attention)
+        inv_freq = self.inv_freq[...]
+        x = self.embed(tokens[None])[0]
+        new_pages = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer.paged(x, positions, inv_freq, pages[i], meta, fn)
+            new_pages.append(kv)
+        x = self.final_norm(x[logits_index][None])
+        if self.lm_head is None:
+            logits = self.embed.attend(x)
+        else:
+            logits = self.lm_head(x).astype(jnp.float32)
+        return logits[0], tuple(new_pages)
+
+
+def init_pages(
+    cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any = jnp.float32
+) -> PagedCache:
+    """Zeroed paged KV cache: per layer, k and v [K, num_pages, page_size, D]."""
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:

@@ -108,7 +108,11 @@ def filter_logits(
 
 
 def sample(logits: jax.Array, params: SamplingArrays, step: jax.Array) -> jax.Array:
-    """Next token per row. logits [B, V] float32 -> [B] int32."""
+    """Next token per row. logits [B, V] float32 -> [B] int32.
+
+    step: [] or [B], the index of the token being drawn in each row's output; with the row's
+    seed it fixes the draw, whatever else is in the batch.
+    """
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled(_):
@@ -116,11 +120,12 @@ def sample(logits: jax.Array, params: SamplingArrays, step: jax.Array) -> jax.Ar
             logits, params.temperature, params.top_k, params.top_p, params.min_p
         )
 
-        def draw(seed, row):
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+        def draw(seed, row, i):
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
             return jax.random.categorical(key, row)
 
-        choice = jax.vmap(draw)(params.seed, filtered)
+        steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), params.seed.shape)
+        choice = jax.vmap(draw)(params.seed, filtered, steps)
         tokens = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
         return jnp.where(params.temperature > 0, tokens, greedy_tokens)
 

@@ -1,0 +1,100 @@
+"""Runs a scheduled step on device: packs it into fixed shape buckets, calls the model over the
+paged cache, and samples every sequence that reached its last known token.
+
+Buckets (powers of two): tokens in the step, sequence slots, pages per sequence. A workload
+compiles one program per bucket triple it meets, not one per step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.engine.scheduler import SchedulerOutput
+from jaxllm.model import PagedMeta, Transformer, init_pages
+from jaxllm.sampling import SamplingArrays, sample
+
+
+def pow2_bucket(n: int, minimum: int = 1) -> int:
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_pages: int, page_size: int, cache_dtype=None):
+        self.config = model.config
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.graphdef, self.state = nnx.split(model)
+        self.pages = init_pages(self.config, num_pages, page_size, cache_dtype or model.dtype)
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._copy = jax.jit(self._copy_impl, donate_argnums=(0,))
+        self.compiled_shapes: set[tuple[int, int, int]] = set()
+
+    def _step_impl(self, state, pages, tokens, positions, meta, logits_index, sp, steps):
+        model = nnx.merge(self.graphdef, state)
+        logits, pages = model.forward_paged(tokens, positions, pages, meta, logits_index)
+        return pages, sample(logits, sp, steps)
+
+    @staticmethod
+    def _copy_impl(pages, src, dst):
+        return tuple((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in pages)
+
+    def execute(self, out: SchedulerOutput, tables: dict[str, list[int]]) -> dict[str, int]:
+        """Run one step; returns the sampled token of each sequence that samples."""
+        if out.copies:
+            src, dst = (np.asarray(x, np.int32) for x in zip(*out.copies))
+            self.pages = self._copy(self.pages, src, dst)
+        seqs = out.seqs
+        ps = self.page_size
+        t_b = pow2_bucket(out.num_tokens, 16)
+        s_b = pow2_bucket(len(seqs))
+        p_b = pow2_bucket(max(len(tables[s.request.request_id]) for s in seqs))
+        drop = self.num_pages * ps  # out of range: padding writes are dropped
+        tokens = np.zeros(t_b, np.int32)
+        positions = np.zeros(t_b, np.int32)
+        slots = np.full(t_b, drop, np.int32)
+        kv_lens = np.zeros(s_b, np.int32)
+        block_tables = np.zeros((s_b, p_b), np.int32)
+        cu = np.zeros(s_b + 1, np.int32)
+        logits_index = np.zeros(s_b, np.int32)
+        steps = np.zeros(s_b, np.int32)
+        params = []
+        row = 0
+        for i, s in enumerate(seqs):
+            req = s.request
+            table = tables[req.request_id]
+            pos = np.arange(s.start, s.start + s.num_tokens)
+            tokens[row : row + s.num_tokens] = req.tokens[s.start : s.start + s.num_tokens]
+            positions[row : row + s.num_tokens] = pos
+            slots[row : row + s.num_tokens] = np.asarray(table)[pos // ps] * ps + pos % ps
+            row += s.num_tokens
+            cu[i + 1] = row
+            kv_lens[i] = s.start + s.num_tokens
+            block_tables[i, : len(table)] = table
+            logits_index[i] = row - 1
+            steps[i] = len(req.output)
+            params.append(req.params)
+        cu[len(seqs) + 1 :] = row
+        meta = PagedMeta(
+            slot_mapping=slots,
+            kv_lens=kv_lens,
+            block_tables=block_tables,
+            cu_q_lens=cu,
+            num_seqs=np.int32(len(seqs)),
+        )
+        sp = SamplingArrays.from_params(params, s_b)
+        self.compiled_shapes.add((t_b, s_b, p_b))
+        self.pages, next_tokens = self._step(
+            self.state, self.pages, tokens, positions, meta, logits_index, sp, steps
+        )
+        next_tokens = np.asarray(next_tokens)
+        return {s.request.request_id: int(next_tokens[i]) for i, s in enumerate(seqs) if s.samples}
+
+
+def kv_bytes_per_token(config, dtype) -> int:
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
