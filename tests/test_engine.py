@@ -1,0 +1,199 @@
+"""Serving engine against oracles: the static `generate` path's greedy tokens, a run without
+prefix caching, separate seeded requests, and the block manager's own invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxllm.engine import BlockManager, EngineConfig, LLMEngine
+from jaxllm.errors import JaxLLMError
+from jaxllm.generate import Generator
+from jaxllm.model import Transformer, random_params
+from jaxllm.sampling import SamplingParams
+from tests.test_generate import CompileCounter
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_config):
+    return tiny_config, random_params(tiny_config, seed=5, scale=0.3)
+
+
+def workload(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    lens = [5, 40, 17, 3, 70, 33][:n]
+    prompts = [[int(t) for t in rng.integers(3, 250, k)] for k in lens]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
+        for m in (10, 5, 20, 8, 12, 3)[:n]
+    ]
+    return prompts, params
+
+
+@pytest.fixture(scope="module")
+def static_tokens(tiny):
+    cfg, params = tiny
+    prompts, sp = workload()
+    return [g.token_ids for g in Generator(Transformer(cfg, params)).generate(prompts, sp)]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        EngineConfig(num_pages=64, page_size=8),
+        EngineConfig(num_pages=64, page_size=8, max_num_batched_tokens=16),  # chunked prefill
+        EngineConfig(num_pages=14, page_size=8, max_num_batched_tokens=32),  # preemption
+    ],
+    ids=["plain", "chunked", "preempt"],
+)
+def test_engine_greedy_equals_static_generate(tiny, static_tokens, config):
+    cfg, params = tiny
+    engine = LLMEngine(Transformer(cfg, params), config)
+    prompts, sp = workload()
+    done = engine.run(prompts, sp)
+    assert [r.output for r in done] == static_tokens
+    m = engine.metrics()
+    assert m["kv_pages_free"] == m["kv_pages_total"]  # every page came back
+    if config.num_pages == 14:
+        assert m["preemptions"] > 0
+    engine.blocks.check()
+
+
+def test_prefix_cache_shares_pages_and_keeps_outputs(tiny):
+    cfg, params = tiny
+    rng = np.random.default_rng(1)
+    system = [int(t) for t in rng.integers(3, 250, 256)]
+    prompts = [system + [int(t) for t in rng.integers(3, 250, 5 + i)] for i in range(4)]
+    sp = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)] * 4
+
+    def run(caching):
+        engine = LLMEngine(
+            Transformer(cfg, params),
+            EngineConfig(num_pages=128, page_size=16, enable_prefix_caching=caching),
+        )
+        first = engine.run(prompts[:1], sp[:1])  # computes the shared prefix once
+        rest = engine.run(prompts[1:], sp[1:])
+        return engine, first + rest
+
+    cached_engine, cached = run(True)
+    _, plain = run(False)
+    assert [r.output for r in cached] == [r.output for r in plain]
+    assert [r.num_cached for r in cached] == [0, 256, 256, 256]
+    assert cached_engine.metrics()["prefix_cache_hit_tokens"] == 3 * 256
+
+
+def test_seeded_request_is_independent_of_batch(tiny):
+    cfg, params = tiny
+    p = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=12, seed=7, ignore_eos=True)
+    alone = LLMEngine(Transformer(cfg, params), EngineConfig(num_pages=64, page_size=8))
+    want = alone.run([[5, 6, 7, 8]], [p])[0].output
+    crowd = LLMEngine(Transformer(cfg, params), EngineConfig(num_pages=64, page_size=8))
+    prompts, sp = workload()
+    got = crowd.run([*prompts[:3], [5, 6, 7, 8], *prompts[3:]], [*sp[:3], p, *sp[3:]])
+    assert got[3].output == want
+
+
+def test_bad_request_rejected_while_others_finish(tiny, static_tokens):
+    cfg, params = tiny
+    engine = LLMEngine(Transformer(cfg, params), EngineConfig(num_pages=64, page_size=8))
+    prompts, sp = workload()
+    rids = [engine.add_request(p, s) for p, s in zip(prompts, sp)]
+    engine.step()
+    engine.step()
+    limit = cfg.max_position_embeddings
+    with pytest.raises(JaxLLMError, match=f"exceeds the context of {limit} tokens"):
+        engine.add_request([3] * limit, SamplingParams(max_tokens=4))
+    with pytest.raises(JaxLLMError, match=r"token id 999 is out of range \[0, 256\)"):
+        engine.add_request([1, 999], SamplingParams(max_tokens=4))
+    while engine.has_unfinished():
+        engine.step()
+    assert [engine.requests[r].output for r in rids] == static_tokens
+
+
+def test_abort_frees_pages_at_once(tiny):
+    cfg, params = tiny
+    engine = LLMEngine(Transformer(cfg, params), EngineConfig(num_pages=64, page_size=8))
+    rid = engine.add_request(list(range(3, 60)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.metrics()["kv_pages_used"] > 0
+    assert engine.abort(rid)
+    assert engine.metrics()["kv_pages_used"] == 0
+    assert engine.requests[rid].status.value == "abort"
+    assert not engine.has_unfinished()
+
+
+def test_compilations_stay_within_buckets(tiny):
+    """64 requests of mixed lengths: one program per (tokens, sequences, pages) bucket met,
+    plus the page-copy program at most."""
+    cfg, params = tiny
+    rng = np.random.default_rng(3)
+    prompts = [[int(t) for t in rng.integers(3, 250, rng.integers(1, 90))] for _ in range(64)]
+    sp = [
+        SamplingParams(temperature=0.0, max_tokens=int(rng.integers(1, 20)), ignore_eos=True)
+        for _ in range(64)
+    ]
+    engine = LLMEngine(
+        Transformer(cfg, params),
+        EngineConfig(num_pages=256, page_size=16, max_num_batched_tokens=128, max_num_seqs=32),
+    )
+    with CompileCounter() as counter:
+        engine.run(prompts, sp)
+    step_programs = [n for n in counter.names if "_step_impl" in n]
+    assert len(step_programs) == len(engine.runner.compiled_shapes)
+    # tokens {16..128} x sequences {1..32} x pages {1..8}, of which a workload meets few
+    assert len(engine.runner.compiled_shapes) <= 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Block manager properties.
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 7), st.integers(1, 40)), max_size=60))
+def test_block_manager_random_interleavings_keep_invariants(ops):
+    """allocate / append / fork / free / abort in any order: no leak, no double free, refcounts
+    match the tables, and once everything is freed the pool is whole again."""
+    bm = BlockManager(num_pages=24, page_size=4)
+    live: dict[str, list[int]] = {}  # seq -> its tokens so far
+    counter = 0
+    for op, who, n in ops:
+        names = sorted(live)
+        if op == 0 or not names:  # new sequence with a prompt (maybe sharing a prefix)
+            name = f"s{counter}"
+            counter += 1
+            tokens = [who % 3] * (n // 2) + list(range(n - n // 2))
+            cached = bm.allocate_prompt(name, tokens)
+            assert cached % 4 == 0 and cached < len(tokens)
+            if bm.can_allocate(name, len(tokens)):
+                bm.allocate(name, len(tokens))
+                bm.commit_full_pages(name, tokens)
+                live[name] = tokens
+            else:
+                bm.free_seq(name)
+        elif op in (1, 2):  # append tokens (decode), with copy-on-write if shared
+            name = names[who % len(names)]
+            tokens = live[name] + [n % 5] * (n % 3 + 1)
+            if bm.can_allocate(name, len(tokens)):
+                for src, dst in bm.allocate(name, len(tokens)):
+                    assert src != dst and bm.ref[dst] == 1
+                bm.commit_full_pages(name, tokens)
+                live[name] = tokens
+        elif op == 3:  # fork
+            parent = names[who % len(names)]
+            child = f"s{counter}"
+            counter += 1
+            bm.fork(parent, child)
+            live[child] = list(live[parent])
+        else:  # free or abort
+            name = names[who % len(names)]
+            bm.free_seq(name)
+            del live[name]
+        bm.check()
+        for name, tokens in live.items():
+            assert len(bm.table(name)) * 4 >= len(tokens)
+    for name in list(live):
+        bm.free_seq(name)
+    bm.check()
+    assert bm.num_free == bm.num_pages
