@@ -11,8 +11,9 @@ Every backend takes q [B, T, K, G, D], k/v [B, K, S, D] (the head-major KV cache
 - `auto`: `flash` on GPU and TPU, `xla` on CPU (where Pallas only interprets).
 
 - `paged`: for this contiguous cache, the same as `flash`; the engine's paged cache uses the
-  ragged paged kernel under `flash`/`paged` and its jnp reference under `xla`
-  (`get_paged_attention_fn`).
+  ragged paged kernel under `flash`/`paged`; under `xla` the native CPU kernel
+  (`jaxllm/cpu_kernels/paged_attention.cc`) or, without it, a jnp split of the step into
+  decode rows and prefill chunks (`jaxllm/engine/cpu_attention.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jaxllm.errors import JaxLLMError
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-from pallas_kernels.reference import attention_reference, ragged_paged_attention_reference
+from pallas_kernels.reference import attention_reference
 
 
 def _xla(q, k, v, mask, *, sm_scale, q_offset=None):
@@ -67,11 +68,39 @@ def _flash(q, k, v, mask, *, sm_scale, q_offset=None, interpret=None):
 
 _BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla, "flash": _flash, "paged": _flash}
 
-# The engine's mixed steps over a paged cache (packed tokens, see `ragged_paged_attention`).
+
+def _paged_kernel(q, k_pages, v_pages, meta, *, sm_scale):
+    return ragged_paged_attention(
+        q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
+        sm_scale=sm_scale,
+    )  # fmt: skip
+
+
+def _paged_xla(q, k_pages, v_pages, meta, *, sm_scale):
+    from jaxllm import cpu_kernels
+    from jaxllm.engine.cpu_attention import split_paged_attention
+
+    native = (
+        jax.default_backend() == "cpu"
+        and q.dtype == jnp.float32
+        and k_pages.dtype == jnp.float32
+        and q.shape[1] // k_pages.shape[0] <= 16
+        and k_pages.shape[2] <= 256
+        and cpu_kernels.available()
+    )
+    if native:  # one pass over each sequence's pages, on every core
+        return cpu_kernels.paged_attention(
+            q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens,
+            meta.num_seqs, sm_scale=sm_scale,
+        )  # fmt: skip
+    return split_paged_attention(q, k_pages, v_pages, meta, sm_scale=sm_scale)
+
+
+# The engine's mixed steps over a paged cache: (q [T, H, D], k_pages, v_pages, PagedMeta).
 _PAGED: dict[str, Callable[..., jax.Array]] = {
-    "xla": ragged_paged_attention_reference,
-    "flash": ragged_paged_attention,
-    "paged": ragged_paged_attention,
+    "xla": _paged_xla,
+    "flash": _paged_kernel,
+    "paged": _paged_kernel,
 }
 
 
@@ -100,4 +129,4 @@ def get_attention_fn(name: str) -> Callable[..., jax.Array]:
 
 def get_paged_attention_fn(name: str) -> Callable[..., jax.Array]:
     """The engine's attention over pages: the ragged kernel, or its jnp reference for `xla`."""
-    return _PAGED.get(resolve_backend(name), ragged_paged_attention)
+    return _PAGED.get(resolve_backend(name), _paged_kernel)

@@ -45,6 +45,11 @@ class PagedMeta:
     block_tables: jax.Array  # [S, P] int32 pages of each sequence
     cu_q_lens: jax.Array  # [S + 1] int32 offsets of each sequence's tokens in the step
     num_seqs: jax.Array  # [] int32 sequence slots in use
+    # The same step split for the CPU path (`jaxllm.engine.cpu_attention`); padding rows = T.
+    dec_rows: jax.Array  # [N] rows of one-token (decode) sequences
+    dec_seq: jax.Array  # [N] their sequence slots
+    pre_rows: jax.Array  # [C, R] rows of each multi-token (prefill) sequence
+    pre_seq: jax.Array  # [C] their sequence slots
 
 
 class Buffer(nnx.Variable):
@@ -213,10 +218,7 @@ class Attention(nnx.Module):
             .set(v.transpose(1, 0, 2).astype(vp.dtype), mode="drop")
         )
         kp, vp = kp.reshape(pages[0].shape), vp.reshape(pages[1].shape)
-        out = paged_attention_fn(
-            q.reshape(t, k_ * g, d), kp, vp, meta.kv_lens, meta.block_tables, meta.cu_q_lens,
-            meta.num_seqs, sm_scale=d**-0.5,
-        )  # fmt: skip
+        out = paged_attention_fn(q.reshape(t, k_ * g, d), kp, vp, meta, sm_scale=d**-0.5)
         return self.o(out.reshape(1, t, k_ * g * d))[0], (kp, vp)
 
 

@@ -1,4 +1,5 @@
-"""A native CPU kernel for few-row products with weight matrices (decode on XLA:CPU).
+"""Native CPU kernels: few-row products with weight matrices (decode on XLA:CPU), and the
+engine's ragged paged attention.
 
 `linear(x, w)` computes x @ w^T for w [out, in]. On the CPU backend, with float32 operands
 and at most 16 rows, it calls `matvec.cc` through the XLA FFI: the kernel streams the
@@ -26,10 +27,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_ROWS = 16
 _TARGET = "jaxllm_matvec"
-_SOURCE = Path(__file__).with_name("matvec.cc")
+_SOURCES = [Path(__file__).with_name(n) for n in ("matvec.cc", "paged_attention.cc", "pool.h")]
+_ATTENTION_TARGET = "jaxllm_paged_attention"
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w", "-pthread"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -53,7 +56,7 @@ def _build() -> Path | None:
 
     include = jax.ffi.include_dir()
     key = hashlib.sha256(
-        _SOURCE.read_bytes()
+        b"".join(src.read_bytes() for src in _SOURCES)
         + " ".join([compiler, *_FLAGS, include]).encode()
         + _cpu_signature().encode()
     ).hexdigest()[:16]
@@ -63,7 +66,8 @@ def _build() -> Path | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        cmd = [compiler, *_FLAGS, f"-I{include}", str(_SOURCE), "-o", str(tmp_out)]
+        sources = [str(src) for src in _SOURCES if src.suffix == ".cc"]
+        cmd = [compiler, *_FLAGS, f"-I{include}", *sources, "-o", str(tmp_out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(
@@ -86,6 +90,11 @@ def available() -> bool:
                     lib = ctypes.cdll.LoadLibrary(str(path))
                     jax.ffi.register_ffi_target(
                         _TARGET, jax.ffi.pycapsule(lib.JaxllmMatVec), platform="cpu"
+                    )
+                    jax.ffi.register_ffi_target(
+                        _ATTENTION_TARGET,
+                        jax.ffi.pycapsule(lib.JaxllmPagedAttention),
+                        platform="cpu",
                     )
                     _state["lib"] = lib
                     _state["ok"] = True
@@ -139,3 +148,33 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     if uses_native(x, w):
         return _linear_with_grad(x, w)
     return einsum_linear(x, w)
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    block_tables: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+) -> jax.Array:
+    """`ragged_paged_attention` on CPU through `paged_attention.cc` (float32; G <= 16, page
+    size <= 256). q [T, H, D], pages [K, P, page, D] -> [T, H, D]. Call only where
+    `available()`; the jnp reference is its oracle."""
+    t, h, d = q.shape
+    kh = k_pages.shape[0]
+    out = jax.ShapeDtypeStruct((t, kh, h // kh, d), jnp.float32)
+    res = jax.ffi.ffi_call(_ATTENTION_TARGET, out, vmap_method="sequential")(
+        q.reshape(t, kh, h // kh, d).astype(jnp.float32),
+        k_pages.astype(jnp.float32),
+        v_pages.astype(jnp.float32),
+        kv_lens.astype(jnp.int32),
+        block_tables.astype(jnp.int32),
+        cu_q_lens.astype(jnp.int32),
+        jnp.reshape(jnp.asarray(num_seqs, jnp.int32), (1,)),
+        scale=np.float32(sm_scale),
+    )
+    return res.reshape(t, h, d).astype(q.dtype)

@@ -19,11 +19,13 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <unistd.h>
 #include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -33,7 +35,6 @@ namespace {
 constexpr int64_t kMaxRows = 16;
 constexpr int64_t kLanes = 16;  // one 64-byte cache line of floats
 constexpr int64_t kMinParallelElements = 1 << 16;
-constexpr int kSpinsBeforeSleep = 200000;
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
@@ -47,14 +48,6 @@ inline float Sum(Vec v) {
   float s = 0.0f;
   for (int64_t i = 0; i < kLanes; ++i) s += v[i];
   return s;
-}
-
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
 }
 
 struct Job {
@@ -89,75 +82,6 @@ void RowsSlice(const Job& job, int64_t j0, int64_t j1) {
   }
 }
 
-// The caller runs share 0; worker t runs share t + 1.
-class Pool {
- public:
-  explicit Pool(int workers) : shares_(workers + 1), done_(workers) {
-    for (auto& d : done_) d.store(0);
-    for (int t = 0; t < workers; ++t) std::thread([this, t] { Work(t); }).detach();
-  }
-
-  void Run(const Job& job) {
-    std::lock_guard<std::mutex> call(call_mu_);
-    job_ = job;
-    const uint64_t gen = gen_.load(std::memory_order_relaxed) + 1;
-    {
-      std::lock_guard<std::mutex> lock(sleep_mu_);
-      gen_.store(gen, std::memory_order_release);
-    }
-    wake_.notify_all();
-    RowsSlice(job_, 0, Bound(0 + 1));
-    for (auto& d : done_) {
-      while (d.load(std::memory_order_acquire) < gen) CpuRelax();
-    }
-  }
-
- private:
-  int64_t Bound(int share) const { return job_.n * share / shares_; }
-
-  void Work(int t) {
-    uint64_t seen = 0;
-    for (;;) {
-      int spins = 0;
-      while (gen_.load(std::memory_order_acquire) == seen) {
-        if (++spins < kSpinsBeforeSleep) {
-          CpuRelax();
-          continue;
-        }
-        std::unique_lock<std::mutex> lock(sleep_mu_);
-        wake_.wait_for(lock, std::chrono::milliseconds(10),
-                       [&] { return gen_.load(std::memory_order_acquire) != seen; });
-        spins = 0;
-      }
-      seen = gen_.load(std::memory_order_acquire);
-      RowsSlice(job_, Bound(t + 1), Bound(t + 2));
-      done_[t].store(seen, std::memory_order_release);
-    }
-  }
-
-  const int shares_;
-  std::vector<std::atomic<uint64_t>> done_;
-  Job job_{};
-  std::atomic<uint64_t> gen_{0};
-  std::mutex call_mu_, sleep_mu_;
-  std::condition_variable wake_;
-};
-
-// A forked child has none of the parent's threads: it builds its own pool (the parent's is
-// left as it is, since its mutexes may be held).
-Pool& GetPool() {
-  static Pool* pool = nullptr;
-  static pid_t owner = 0;
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
-  if (pool == nullptr || owner != getpid()) {
-    int threads = static_cast<int>(std::thread::hardware_concurrency());
-    pool = new Pool(std::clamp(threads, 1, 16) - 1);
-    owner = getpid();
-  }
-  return *pool;
-}
-
 ffi::Error MatVec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                   ffi::ResultBuffer<ffi::F32> y) {
   auto wd = w.dimensions();
@@ -177,7 +101,10 @@ ffi::Error MatVec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   if (n * k < kMinParallelElements) {
     RowsSlice(job, 0, n);
   } else {
-    GetPool().Run(job);
+    const JaxllmPool::Task task = [&job](int share, int shares) {
+      RowsSlice(job, job.n * share / shares, job.n * (share + 1) / shares);
+    };
+    JaxllmGetPool().Run(task);
   }
   return ffi::Error::Success();
 }

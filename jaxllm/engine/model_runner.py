@@ -18,7 +18,9 @@ from jaxllm.sampling import SamplingArrays, sample
 
 
 def pow2_bucket(n: int, minimum: int = 1) -> int:
-    b = minimum
+    if n <= 0 and minimum <= 0:
+        return 0
+    b = max(minimum, 1)
     while b < n:
         b *= 2
     return b
@@ -80,15 +82,33 @@ class ModelRunner:
             steps[i] = len(req.output)
             params.append(req.params)
         cu[len(seqs) + 1 :] = row
+        # The CPU split: one-token sequences, then multi-token chunks padded to [C, R].
+        dec = [i for i, s in enumerate(seqs) if s.num_tokens == 1]
+        pre = [i for i, s in enumerate(seqs) if s.num_tokens > 1]
+        n_b, c_b = pow2_bucket(len(dec), 0), pow2_bucket(len(pre), 0)
+        r_b = pow2_bucket(max((seqs[i].num_tokens for i in pre), default=0), 0)
+        dec_rows = np.full(n_b, t_b, np.int32)
+        dec_seq = np.zeros(n_b, np.int32)
+        dec_rows[: len(dec)] = cu[dec]
+        dec_seq[: len(dec)] = dec
+        pre_rows = np.full((c_b, r_b), t_b, np.int32)
+        pre_seq = np.zeros(c_b, np.int32)
+        for c, i in enumerate(pre):
+            pre_rows[c, : seqs[i].num_tokens] = np.arange(cu[i], cu[i + 1])
+            pre_seq[c] = i
         meta = PagedMeta(
             slot_mapping=slots,
             kv_lens=kv_lens,
             block_tables=block_tables,
             cu_q_lens=cu,
             num_seqs=np.int32(len(seqs)),
+            dec_rows=dec_rows,
+            dec_seq=dec_seq,
+            pre_rows=pre_rows,
+            pre_seq=pre_seq,
         )
         sp = SamplingArrays.from_params(params, s_b)
-        self.compiled_shapes.add((t_b, s_b, p_b))
+        self.compiled_shapes.add((t_b, s_b, p_b, n_b, c_b, r_b))
         self.pages, next_tokens = self._step(
             self.state, self.pages, tokens, positions, meta, logits_index, sp, steps
         )

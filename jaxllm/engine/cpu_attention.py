@@ -1,0 +1,78 @@
+"""The engine's attention on CPU: the same result as `ragged_paged_attention_reference`, arranged
+for XLA:CPU.
+
+A mixed step is split in two. Decode rows (one query per sequence) gather their sequence's pages
+once and attend with a multiply-reduce; prefill chunks (a few sequences, many rows each) are
+padded to [chunks, rows] and attend densely over their gathered pages. Either way each
+sequence's pages are gathered once per layer, never once per query row.
+
+Axes: T packed rows, K KV heads, G query heads per KV head, D head_dim, P pages per sequence,
+page_size slots per page, L = P * page_size keys.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.model import PagedMeta
+
+
+def _gather(pages: jax.Array, tables: jax.Array) -> jax.Array:
+    """pages [K, num_pages, page, D], tables [N, P] -> [N, K, P * page, D]."""
+    k, _, page, d = pages.shape
+    n, p = tables.shape
+    return jnp.moveaxis(pages[:, tables], 0, 1).reshape(n, k, p * page, d)
+
+
+def split_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    meta: PagedMeta,
+    *,
+    sm_scale: float,
+) -> jax.Array:
+    """q [T, H, D] packed -> [T, H, D]; rows not named in the split metadata come back zero."""
+    t, h, d = q.shape
+    kh = k_pages.shape[0]
+    g = h // kh
+    out = jnp.zeros((t + 1, kh, g, d), jnp.float32)  # row t swallows padding
+    qg = jnp.concatenate([q, jnp.zeros((1, h, d), q.dtype)]).reshape(t + 1, kh, g, d)
+    qg = qg.astype(jnp.float32) * sm_scale
+
+    # Decode rows: [N] rows of N sequences, one query each.
+    seq = meta.dec_seq
+    k = _gather(k_pages, meta.block_tables[seq]).astype(jnp.float32)  # [N, K, L, D]
+    v = _gather(v_pages, meta.block_tables[seq]).astype(jnp.float32)
+    qd = qg[meta.dec_rows]  # [N, K, G, D]
+    valid = jnp.arange(k.shape[2])[None, :] < meta.kv_lens[seq][:, None]  # [N, L]
+    s = jnp.sum(qd[:, :, :, None, :] * k[:, :, None], axis=-1)  # [N, K, G, L]
+    s = jnp.where(valid[:, None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.where(valid[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    od = jnp.sum(e[..., None] * v[:, :, None], axis=3) / jnp.where(l > 0, l, 1.0)
+    out = out.at[meta.dec_rows].set(od, mode="drop")
+
+    # Prefill chunks: [C, R] rows of C sequences, causal within each.
+    seq = meta.pre_seq
+    rows = meta.pre_rows  # [C, R], t = padding
+    k = _gather(k_pages, meta.block_tables[seq]).astype(jnp.float32)  # [C, K, L, D]
+    v = _gather(v_pages, meta.block_tables[seq]).astype(jnp.float32)
+    qp = qg[rows]  # [C, R, K, G, D]
+    q_len = meta.cu_q_lens[seq + 1] - meta.cu_q_lens[seq]
+    kv_len = meta.kv_lens[seq]
+    qpos = (kv_len - q_len)[:, None] + jnp.arange(rows.shape[1])[None, :]  # [C, R]
+    kpos = jnp.arange(k.shape[2])
+    valid = (kpos[None, None, :] <= qpos[:, :, None]) & (
+        kpos[None, None, :] < kv_len[:, None, None]
+    )
+    s = jnp.einsum("crkgd,ckld->ckgrl", qp, k)
+    s = jnp.where(valid[:, None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.where(valid[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    op = jnp.einsum("ckgrl,ckld->crkgd", e / jnp.where(l > 0, l, 1.0), v)
+    out = out.at[rows].set(op, mode="drop")
+    return out[:t].reshape(t, h, d).astype(q.dtype)
