@@ -76,19 +76,27 @@ def _paged_kernel(q, k_pages, v_pages, meta, *, sm_scale):
     )  # fmt: skip
 
 
+def paged_uses_native_cpu(group: int, page_size: int, dtype) -> bool:
+    """Whether the engine's `xla` attention runs the native CPU kernel (else the jnp split)."""
+    from jaxllm import cpu_kernels
+
+    return (
+        jax.default_backend() == "cpu"
+        and jnp.dtype(dtype) == jnp.float32
+        and group <= 16
+        and page_size <= 256
+        and cpu_kernels.available()
+    )
+
+
 def _paged_xla(q, k_pages, v_pages, meta, *, sm_scale):
     from jaxllm import cpu_kernels
     from jaxllm.engine.cpu_attention import split_paged_attention
 
-    native = (
-        jax.default_backend() == "cpu"
-        and q.dtype == jnp.float32
-        and k_pages.dtype == jnp.float32
-        and q.shape[1] // k_pages.shape[0] <= 16
-        and k_pages.shape[2] <= 256
-        and cpu_kernels.available()
-    )
-    if native:  # one pass over each sequence's pages, on every core
+    group, page_size = q.shape[1] // k_pages.shape[0], k_pages.shape[2]
+    if q.dtype == k_pages.dtype and paged_uses_native_cpu(
+        group, page_size, q.dtype
+    ):  # one pass over each sequence's pages, on every core
         return cpu_kernels.paged_attention(
             q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens,
             meta.num_seqs, sm_scale=sm_scale,

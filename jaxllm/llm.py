@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -15,7 +17,7 @@ import numpy as np
 from jaxllm.attention import resolve_backend
 from jaxllm.checkpoints.registry import cache_dir, load_model
 from jaxllm.errors import JaxLLMError
-from jaxllm.generate import Generator
+from jaxllm.generate import BatchTimings, Generator
 from jaxllm.model import Transformer
 from jaxllm.sampling import SamplingParams
 
@@ -31,6 +33,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finish_reason: str
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def enable_compilation_cache() -> None:
@@ -50,8 +53,11 @@ class LLM:
       model: `smollm2-135m`, a .gguf file, an HF directory (config.json + *.safetensors),
         or a shapes-only config name from configs/models (random weights).
       dtype: float32 | bfloat16 | float16 for weights and activations.
-      attention: attention backend (`auto`, `xla`; Pallas kernels register more).
+      attention: attention backend (`auto`, `xla`, `flash`, `paged`).
       max_batch: most sequences decoded together.
+      engine: run `generate`/`chat`/`stream` on the serving engine (paged KV cache,
+        continuous batching; the default) or, with False, on the static batched generator.
+      engine_config: the engine's KV pool and step limits (`jaxllm.engine.EngineConfig`).
     """
 
     def __init__(
@@ -63,6 +69,8 @@ class LLM:
         max_batch: int = 64,
         compilation_cache: bool = True,
         log: Any = print,
+        engine: bool = True,
+        engine_config: Any = None,
     ):
         if dtype not in _DTYPES:
             raise JaxLLMError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
@@ -81,6 +89,11 @@ class LLM:
         )
         del loaded
         self.generator = Generator(self.model, max_batch=max_batch)
+        self.use_engine = engine
+        self._engine_config = engine_config
+        self._engine: Any = None
+        self._log = log
+        self._timings = BatchTimings()
         eos = list(self.config.eos_token_ids)
         if self.tokenizer is not None:
             eos += [t for t in self.tokenizer.eos_token_ids if t not in eos]
@@ -126,19 +139,107 @@ class LLM:
             params = [sampling_params] * len(ids)
         else:
             params = list(sampling_params)
-        gens = self.generator.generate(
-            ids, params, eos_token_ids=self.eos_token_ids, on_first_tokens=on_first_tokens
-        )
+        if self.use_engine:
+            done = self._run_engine(ids, params, on_first_tokens)
+            results = [(r.output, r.status.value, r.metrics) for r in done]
+        else:
+            gens = self.generator.generate(
+                ids, params, eos_token_ids=self.eos_token_ids, on_first_tokens=on_first_tokens
+            )
+            self._timings = self.generator.last_timings
+            results = [(g.token_ids, g.finish_reason, {}) for g in gens]
         return [
             RequestOutput(
                 prompt=text,
                 prompt_token_ids=pids,
-                token_ids=g.token_ids,
-                text=self.decode(g.token_ids) if self.tokenizer is not None else "",
-                finish_reason=g.finish_reason,
+                token_ids=out,
+                text=self.decode(out) if self.tokenizer is not None else "",
+                finish_reason=reason,
+                metrics=metrics,
             )
-            for text, pids, g in zip(texts, ids, gens)
+            for text, pids, (out, reason, metrics) in zip(texts, ids, results)
         ]
+
+    @property
+    def engine(self) -> Any:
+        """The serving engine (`jaxllm.engine.LLMEngine`), made on first use."""
+        if self._engine is None:
+            from jaxllm.engine import EngineConfig, LLMEngine
+
+            self._engine = LLMEngine(
+                self.model, self._engine_config or EngineConfig(), eos_token_ids=self.eos_token_ids
+            )
+        return self._engine
+
+    def _run_engine(self, ids, params, on_first_tokens) -> list[Any]:
+        eng = self.engine
+        if len(params) != len(ids):
+            raise JaxLLMError(f"{len(params)} sampling params for {len(ids)} prompts")
+        for p, sp in zip(ids, params):  # every request is checked before any is queued
+            eng._validate_only(p, sp)
+        t0 = time.perf_counter()
+        rids = [eng.add_request(p, sp) for p, sp in zip(ids, params)]
+        pending, firsts = set(rids), {}
+        first_at, steps_after = None, 0
+        show = len(rids) >= 8 and self._log is print
+        n_done, generated = 0, 0
+        while pending:
+            updates = eng.step()
+            for u in updates:
+                firsts.setdefault(u.request_id, u.new_token)
+                generated += 1
+                if u.finished and u.request_id in pending:
+                    pending.discard(u.request_id)
+                    n_done += 1
+            if first_at is None and len(firsts) >= len(rids):
+                first_at = time.perf_counter()
+                if on_first_tokens is not None:
+                    on_first_tokens([firsts[r] for r in rids])
+            elif first_at is not None:
+                steps_after += 1
+            if show:
+                rate = generated / max(time.perf_counter() - t0, 1e-9)
+                print(f"\r[jaxllm] {n_done}/{len(rids)} requests, {rate:.1f} tok/s",
+                      end="", file=sys.stderr, flush=True)  # fmt: skip
+        end = time.perf_counter()
+        if show:
+            print(file=sys.stderr)
+        done = [eng.requests.pop(r) for r in rids]
+        first_at = first_at or end
+        self._timings = BatchTimings(
+            prefill_s=first_at - t0,
+            decode_s=end - first_at,
+            first_token_s=first_at - t0,
+            prompt_tokens=sum(len(p) for p in ids),
+            generated_tokens=sum(len(r.output) for r in done),
+            decode_steps=steps_after,
+        )
+        return done
+
+    def stream(
+        self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None
+    ) -> Iterator[str]:
+        """Yield the text as it is generated, in deltas (whole characters only)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        eng = self.engine
+        rid = eng.add_request(ids, sampling_params or SamplingParams())
+        sent = ""
+        try:
+            while True:
+                eng.step()
+                req = eng.requests[rid]
+                text = self.decode(req.output)
+                if not req.status.finished and text.endswith("\ufffd"):
+                    continue  # a character split across tokens: wait for the rest
+                if len(text) > len(sent):
+                    yield text[len(sent) :]
+                    sent = text
+                if req.status.finished:
+                    return
+        finally:
+            if not eng.requests[rid].status.finished:
+                eng.abort(rid)
+            eng.requests.pop(rid, None)
 
     def chat(
         self,
@@ -160,7 +261,8 @@ class LLM:
 
     @property
     def timings(self) -> Any:
-        return self.generator.last_timings
+        """Timings of the last `generate` call (prefill = until every first token)."""
+        return self._timings
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 logits [seq, vocab] at every position."""

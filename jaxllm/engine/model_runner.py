@@ -35,6 +35,13 @@ class ModelRunner:
         self.pages = init_pages(self.config, num_pages, page_size, cache_dtype or model.dtype)
         self._step = jax.jit(self._step_impl, donate_argnums=(1,))
         self._copy = jax.jit(self._copy_impl, donate_argnums=(0,))
+        from jaxllm.attention import paged_uses_native_cpu, resolve_backend
+
+        # The decode/prefill split metadata is only read by the jnp CPU path; leaving it
+        # empty otherwise keeps it out of the compiled shapes.
+        self.split = resolve_backend(model.attention) == "xla" and not paged_uses_native_cpu(
+            self.config.group_size, page_size, cache_dtype or model.dtype
+        )
         self.compiled_shapes: set[tuple[int, int, int]] = set()
 
     def _step_impl(self, state, pages, tokens, positions, meta, logits_index, sp, steps):
@@ -53,7 +60,7 @@ class ModelRunner:
             self.pages = self._copy(self.pages, src, dst)
         seqs = out.seqs
         ps = self.page_size
-        t_b = pow2_bucket(out.num_tokens, 16)
+        t_b = pow2_bucket(out.num_tokens)
         s_b = pow2_bucket(len(seqs))
         p_b = pow2_bucket(max(len(tables[s.request.request_id]) for s in seqs))
         drop = self.num_pages * ps  # out of range: padding writes are dropped
@@ -83,8 +90,8 @@ class ModelRunner:
             params.append(req.params)
         cu[len(seqs) + 1 :] = row
         # The CPU split: one-token sequences, then multi-token chunks padded to [C, R].
-        dec = [i for i, s in enumerate(seqs) if s.num_tokens == 1]
-        pre = [i for i, s in enumerate(seqs) if s.num_tokens > 1]
+        dec = [i for i, s in enumerate(seqs) if s.num_tokens == 1] if self.split else []
+        pre = [i for i, s in enumerate(seqs) if s.num_tokens > 1] if self.split else []
         n_b, c_b = pow2_bucket(len(dec), 0), pow2_bucket(len(pre), 0)
         r_b = pow2_bucket(max((seqs[i].num_tokens for i in pre), default=0), 0)
         dec_rows = np.full(n_b, t_b, np.int32)
