@@ -197,3 +197,20 @@ def test_block_manager_random_interleavings_keep_invariants(ops):
         bm.free_seq(name)
     bm.check()
     assert bm.num_free == bm.num_pages
+
+
+def test_llm_generate_on_engine_equals_static_and_streams(smollm2):
+    """SmolLM2: the engine-backed `generate` gives the static generator's greedy tokens for a
+    batch of mixed prompts, and `stream` yields the same text in pieces."""
+    prompts = ["The capital of France is", "def fib(n):", "Once upon a time"]
+    p = SamplingParams(temperature=0.0, max_tokens=24)
+    engine_outs = smollm2.generate(prompts, p)
+    smollm2.use_engine = False
+    try:
+        static_outs = smollm2.generate(prompts, p)
+    finally:
+        smollm2.use_engine = True
+    assert [o.token_ids for o in engine_outs] == [o.token_ids for o in static_outs]
+    assert all(o.metrics["generated_tokens"] == len(o.token_ids) for o in engine_outs)
+    pieces = list(smollm2.stream(prompts[0], p))
+    assert len(pieces) > 1 and "".join(pieces) == engine_outs[0].text
