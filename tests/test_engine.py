@@ -214,3 +214,54 @@ def test_llm_generate_on_engine_equals_static_and_streams(smollm2):
     assert all(o.metrics["generated_tokens"] == len(o.token_ids) for o in engine_outs)
     pieces = list(smollm2.stream(prompts[0], p))
     assert len(pieces) > 1 and "".join(pieces) == engine_outs[0].text
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's CPU attention paths against the ragged paged reference (NaN in unused pages,
+# out-of-range block-table entries past each length).
+
+
+def _split_meta(kv_lens, q_lens, tables, t):
+    from jaxllm.model import PagedMeta
+
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    dec = [i for i, n in enumerate(q_lens) if n == 1]
+    pre = [i for i, n in enumerate(q_lens) if n > 1]
+    r = max([q_lens[i] for i in pre], default=0)
+    pre_rows = np.full((len(pre), r), t, np.int32)
+    for c, i in enumerate(pre):
+        pre_rows[c, : q_lens[i]] = np.arange(cu[i], cu[i + 1])
+    return PagedMeta(
+        slot_mapping=np.zeros(t, np.int32),
+        kv_lens=np.asarray(kv_lens, np.int32),
+        block_tables=np.asarray(tables),
+        cu_q_lens=cu,
+        num_seqs=np.int32(len(kv_lens)),
+        dec_rows=cu[dec].astype(np.int32),
+        dec_seq=np.asarray(dec, np.int32),
+        pre_rows=pre_rows,
+        pre_seq=np.asarray(pre, np.int32),
+    )
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["jnp-split", "native"])
+def test_cpu_paged_attention_matches_reference(native):
+    import jax.numpy as jnp
+
+    from jaxllm import cpu_kernels
+    from jaxllm.engine.cpu_attention import split_paged_attention
+    from pallas_kernels.reference import ragged_paged_attention_reference
+    from tests.test_kernels import max_err, ragged_inputs
+
+    if native and not cpu_kernels.available():
+        pytest.skip("no C++ compiler: the native kernel is not built")
+    kv_lens, q_lens = [1, 37, 50, 20, 300], [1, 5, 50, 1, 300]
+    q, kp, vp, lens, tables, cu = ragged_inputs(9, 3, 64, 16, kv_lens, q_lens, jnp.float32, pad=0)
+    want = ragged_paged_attention_reference(q, kp, vp, lens, tables, cu, 5, sm_scale=0.125)
+    if native:
+        got = cpu_kernels.paged_attention(q, kp, vp, lens, tables, cu, 5, sm_scale=0.125)
+    else:
+        meta = _split_meta(kv_lens, q_lens, tables, q.shape[0])
+        got = split_paged_attention(q, kp, vp, meta, sm_scale=0.125)
+    assert not bool(jnp.isnan(got).any())
+    assert max_err(got, want) <= 2e-5

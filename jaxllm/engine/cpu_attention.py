@@ -47,6 +47,7 @@ def split_paged_attention(
     v = _gather(v_pages, meta.block_tables[seq]).astype(jnp.float32)
     qd = qg[meta.dec_rows]  # [N, K, G, D]
     valid = jnp.arange(k.shape[2])[None, :] < meta.kv_lens[seq][:, None]  # [N, L]
+    v = jnp.where(valid[:, None, :, None], v, 0.0)  # slots past the end may hold anything
     s = jnp.sum(qd[:, :, :, None, :] * k[:, :, None], axis=-1)  # [N, K, G, L]
     s = jnp.where(valid[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
@@ -68,6 +69,7 @@ def split_paged_attention(
     valid = (kpos[None, None, :] <= qpos[:, :, None]) & (
         kpos[None, None, :] < kv_len[:, None, None]
     )
+    v = jnp.where((kpos[None, :] < kv_len[:, None])[:, None, :, None], v, 0.0)
     s = jnp.einsum("crkgd,ckld->ckgrl", qp, k)
     s = jnp.where(valid[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
