@@ -176,7 +176,7 @@ class LLM:
         if len(params) != len(ids):
             raise JaxLLMError(f"{len(params)} sampling params for {len(ids)} prompts")
         for p, sp in zip(ids, params):  # every request is checked before any is queued
-            eng._validate_only(p, sp)
+            eng.check_request(p, sp)
         t0 = time.perf_counter()
         rids = [eng.add_request(p, sp) for p, sp in zip(ids, params)]
         pending, firsts = set(rids), {}

@@ -82,13 +82,9 @@ class LLMEngine:
         self.steps = 0
 
     # ------------------------------------------------------------------ requests
-    def add_request(
-        self,
-        prompt: Sequence[int],
-        params: SamplingParams,
-        request_id: str | None = None,
-    ) -> str:
-        """Queue a request; a bad one raises `JaxLLMError` here and nothing else is touched."""
+    def check_request(self, prompt: Sequence[int], params: SamplingParams) -> frozenset[int]:
+        """Raise `JaxLLMError` naming the value and the limit if the request cannot run;
+        returns its stop token ids."""
         prompt = [int(t) for t in prompt]
         limit = self.model_config.max_position_embeddings
         vocab = self.model_config.vocab_size
@@ -108,7 +104,17 @@ class LLMEngine:
                 f"request needs {pages} KV pages (prompt {len(prompt)} + max_tokens "
                 f"{params.max_tokens}), more than the pool's {self.blocks.num_pages}"
             )
-        stops = frozenset(stop_token_list(params, self.eos_token_ids))
+        return frozenset(stop_token_list(params, self.eos_token_ids))
+
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; a bad one raises `JaxLLMError` here and nothing else is touched."""
+        prompt = [int(t) for t in prompt]
+        stops = self.check_request(prompt, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests and not self.requests[rid].status.finished:
             raise JaxLLMError(f"request id {rid!r} is already in flight")
@@ -155,17 +161,11 @@ class LLMEngine:
         if len(prompts) != len(params):
             raise JaxLLMError(f"{len(params)} sampling params for {len(prompts)} prompts")
         for ids, p in zip(prompts, params):  # validate all before queueing any
-            self._validate_only(ids, p)
+            self.check_request(ids, p)
         rids = [self.add_request(ids, p) for ids, p in zip(prompts, params)]
         while self.has_unfinished():
             self.step()
         return [self.requests.pop(r) for r in rids]
-
-    def _validate_only(self, prompt, params) -> None:
-        probe = f"__probe_{next(self._ids)}"
-        self.add_request(prompt, params, request_id=probe)
-        self.scheduler.abort(probe)
-        del self.requests[probe]
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict[str, float | int]:
