@@ -1,8 +1,9 @@
 """Runs a scheduled step on device: packs it into fixed shape buckets, calls the model over the
 paged cache, and samples every sequence that reached its last known token.
 
-Buckets (powers of two): tokens in the step, sequence slots, pages per sequence. A workload
-compiles one program per bucket triple it meets, not one per step.
+Buckets (powers of two): tokens in the step, sequence slots, pages per sequence (and, for the
+jnp CPU path only, decode rows, prefill chunks and chunk rows). A workload compiles one program
+per bucket combination it meets, not one per step.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.attention import paged_uses_native_cpu, resolve_backend
 from jaxllm.engine.scheduler import SchedulerOutput
 from jaxllm.model import PagedMeta, Transformer, init_pages
 from jaxllm.sampling import SamplingArrays, sample
@@ -35,14 +37,12 @@ class ModelRunner:
         self.pages = init_pages(self.config, num_pages, page_size, cache_dtype or model.dtype)
         self._step = jax.jit(self._step_impl, donate_argnums=(1,))
         self._copy = jax.jit(self._copy_impl, donate_argnums=(0,))
-        from jaxllm.attention import paged_uses_native_cpu, resolve_backend
-
         # The decode/prefill split metadata is only read by the jnp CPU path; leaving it
         # empty otherwise keeps it out of the compiled shapes.
         self.split = resolve_backend(model.attention) == "xla" and not paged_uses_native_cpu(
             self.config.group_size, page_size, cache_dtype or model.dtype
         )
-        self.compiled_shapes: set[tuple[int, int, int]] = set()
+        self.compiled_shapes: set[tuple[int, ...]] = set()
 
     def _step_impl(self, state, pages, tokens, positions, meta, logits_index, sp, steps):
         model = nnx.merge(self.graphdef, state)
