@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Finite: a tile whose every key is masked must not turn the running max into -inf - -inf.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -44,6 +45,36 @@ def tpu_interpret_params():
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
+
+
+def online_softmax_init(rows: int, d: int):
+    """(acc [rows, D], running max m [rows], running sum l [rows]) before any key tile."""
+    return (
+        jnp.zeros((rows, d), jnp.float32),
+        jnp.full((rows,), MASK_VALUE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+
+
+def online_softmax_step(carry, s, v, valid=None):
+    """Fold one key tile into the running (acc, m, l), in base 2.
+
+    s: [rows, keys] float32 scores already multiplied by sm_scale * log2(e); v: [keys, D];
+    valid: bool broadcastable to s, or None when every key is visible. Masked keys get exactly
+    zero weight, so a tile with no visible key leaves the carry's output unchanged.
+    """
+    acc, m, l = carry
+    if valid is not None:
+        s = jnp.where(valid, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.exp2(s - m_new[:, None])
+    if valid is not None:
+        p = jnp.where(valid, p, 0.0)
+    alpha = jnp.exp2(m - m_new)
+    pv = lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    return acc * alpha[:, None] + pv, m_new, l * alpha + jnp.sum(p, axis=1)
 
 
 def cdiv(a, b):

@@ -25,10 +25,11 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import (
     LN2,
     LOG2E,
-    MASK_VALUE,
     cdiv,
     check_gqa,
     gpu_compiler_params,
+    online_softmax_init,
+    online_softmax_step,
     resolve_platform,
     round_up,
 )
@@ -198,24 +199,16 @@ def _backward(q, k, v, q_seg, kv_seg, offset, out, lse, do, st: _Static):
 
 
 def _dense(q, k, v, q_seg, kv_seg, offset, st: _Static):
-    """The same attention as one dense softmax (O(T * S) memory)."""
+    """The same attention as one dense softmax (O(T * S) memory): the jnp reference."""
+    from pallas_kernels.reference import flash_attention_reference
+
     if st.kv_layout == "bksd":
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    b, t, h, d = q.shape
-    kh = k.shape[2]
-    qpos = offset[0] + jnp.arange(t)[:, None]
-    kpos = jnp.arange(st.s)[None, :]
-    mask = _tile_mask(qpos, kpos, q_seg[:, :, None], kv_seg[:, None, :], st, batched=True)
-    mask = jnp.broadcast_to(mask, (b, t, st.s))
-    s = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, kh, h // kh, d), k,
-                   preferred_element_type=jnp.float32) * st.sm_scale  # fmt: skip
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    l = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / jnp.where(l > 0, l, 1.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    return flash_attention_reference(
+        q, k, v, causal=st.causal, sm_scale=st.sm_scale,
+        segment_ids=(q_seg, kv_seg) if st.has_segments else None,
+        sliding_window=st.window, q_offset=offset[0],
+    )  # fmt: skip
 
 
 def _kv_spec(st: _Static, rows: int, d: int, index):
@@ -240,16 +233,16 @@ def _bksd(idx):
 # i * block_q + r + (S - T); key column c of tile j at j * block_k + c.
 
 
-def _tile_mask(qpos, kpos, q_seg, kv_seg, st: _Static, batched: bool = False):
+def _tile_mask(qpos, kpos, q_seg, kv_seg, st: _Static):
     """[bq, bk] bool for absolute query positions [bq, 1] and key positions [1, bk] (segment
-    ids [bq] and [bk]; or already broadcastable when `batched`)."""
+    ids [bq] and [bk])."""
     mask = kpos < st.s  # keys padded up to the tile size
     if st.causal:
         mask &= kpos <= qpos
     if st.window is not None:
         mask &= qpos - kpos < st.window
     if st.has_segments:
-        mask = mask & (q_seg == kv_seg if batched else q_seg[:, None] == kv_seg[None, :])
+        mask = mask & (q_seg[:, None] == kv_seg[None, :])
     return mask
 
 
@@ -298,30 +291,17 @@ def _fwd_kernel(
     scale = st.sm_scale * LOG2E  # scores in base 2: exp2 is the cheap instruction
 
     def body(j, carry, masked):
-        acc, m, l = carry
         keys = pl.ds(j * bk, bk)
         s = _dot(q, k_ref[keys, :], trans_b=True) * scale  # [bq, bk]
+        mask = None
         if masked:
             kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
             kv_seg = ks_ref[keys] if st.has_segments else None
             mask = _tile_mask(rows, kpos, q_seg, kv_seg, st)
-            s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp2(s - m_new[:, None])
-        if masked:
-            p = jnp.where(mask, p, 0.0)
-        alpha = jnp.exp2(m - m_new)
-        l = l * alpha + jnp.sum(p, axis=1)
-        v = v_ref[keys, :]
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return online_softmax_step(carry, s, v_ref[keys, :], mask)
 
     lo, full, hi = _kv_tile_range(q_first, q_first + bq - 1, st, bk)
-    carry = (
-        jnp.zeros((bq, q.shape[-1]), jnp.float32),
-        jnp.full((bq,), MASK_VALUE, jnp.float32),
-        jnp.zeros((bq,), jnp.float32),
-    )
+    carry = online_softmax_init(bq, q.shape[-1])
     carry = lax.fori_loop(lo, full, functools.partial(body, masked=False), carry)
     acc, m, l = lax.fori_loop(full, hi, functools.partial(body, masked=True), carry)
     seen = l > 0

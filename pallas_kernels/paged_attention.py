@@ -25,11 +25,12 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
     LOG2E,
-    MASK_VALUE,
     cdiv,
     check_gqa,
     gpu_compiler_params,
     next_pow2,
+    online_softmax_init,
+    online_softmax_step,
     resolve_platform,
 )
 
@@ -146,28 +147,13 @@ def _paged_kernel(
     scale = sm_scale * LOG2E
 
     def body(j, carry):
-        acc, m, l = carry
         pages = bt_ref[pl.ds(j * ppb, ppb)]
         k = k_ref[pages].reshape(bk, d)
-        v = v_ref[pages].reshape(bk, d)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        valid = kpos < length
-        s = jnp.where(valid, s * scale, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
-        alpha = jnp.exp2(m - m_new)
-        pv = lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        return acc * alpha[:, None] + pv, m_new, l * alpha + jnp.sum(p, axis=1)
+        return online_softmax_step(carry, s * scale, v_ref[pages].reshape(bk, d), kpos < length)
 
-    gp = q.shape[0]
-    init = (
-        jnp.zeros((gp, d), jnp.float32),
-        jnp.full((gp,), MASK_VALUE, jnp.float32),
-        jnp.zeros((gp,), jnp.float32),
-    )
+    init = online_softmax_init(q.shape[0], d)
     acc, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, init)
     o_ref[...] = acc
     m_ref[...] = m

@@ -22,11 +22,12 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (
     LOG2E,
-    MASK_VALUE,
     cdiv,
     check_gqa,
     gpu_compiler_params,
     next_pow2,
+    online_softmax_init,
+    online_softmax_step,
     resolve_platform,
 )
 from pallas_kernels.paged_attention import safe_block_tables
@@ -148,30 +149,16 @@ def _ragged_kernel(
     scale = sm_scale * LOG2E
 
     def body(j, carry):
-        acc, m, l = carry
         pages = bt_ref[seq, pl.ds(j * ppb, ppb)]
         k = k_ref[kvh, pages].reshape(bk, d)
-        v = v_ref[kvh, pages].reshape(bk, d)
         sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         valid = (kpos <= qpos) & (kpos < kv_len)
         if window is not None:
             valid &= qpos - kpos < window
-        sc = jnp.where(valid, sc * scale, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-        p = jnp.where(valid, jnp.exp2(sc - m_new[:, None]), 0.0)
-        alpha = jnp.exp2(m - m_new)
-        pv = lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        return acc * alpha[:, None] + pv, m_new, l * alpha + jnp.sum(p, axis=1)
+        return online_softmax_step(carry, sc * scale, v_ref[kvh, pages].reshape(bk, d), valid)
 
-    init = (
-        jnp.zeros((rows, d), jnp.float32),
-        jnp.full((rows,), MASK_VALUE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    acc, _, l = lax.fori_loop(lo, hi, body, init)
+    acc, _, l = lax.fori_loop(lo, hi, body, online_softmax_init(rows, d))
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
     o_ref[...] = out.reshape(bq, gp, d).astype(o_ref.dtype)
 

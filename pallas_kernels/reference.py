@@ -60,6 +60,17 @@ def _decode_attention(
 # --- Layouts of the Pallas kernels: [batch, seq, heads, head_dim] and paged caches. ---
 
 
+def masked_softmax(scores: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Softmax over the last axis where `valid`, exactly 0 elsewhere; a row with no valid entry
+    gives zeros. Returns (probabilities, row max m, row sum l), m and l with a kept last axis."""
+    scores = jnp.where(valid, scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(valid, jnp.exp(scores - m), 0.0)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(l > 0, l, 1.0), m, l
+
+
 def visible_mask(
     t: int,
     s: int,
@@ -68,14 +79,16 @@ def visible_mask(
     sliding_window: int | None = None,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    q_offset: int | jax.Array | None = None,
 ) -> jax.Array:
     """[B or 1, T, S] bool: which keys each query sees.
 
-    Causal attention is aligned bottom-right: query i sits at absolute position i + S - T, so
-    a chunk of T new queries attends to the S - T cached keys before it (T == S is ordinary
-    self-attention). A sliding window of W keeps keys at distance < W behind the query.
+    Causal attention is aligned bottom-right by default: query i sits at absolute position
+    i + S - T, so a chunk of T new queries attends to the S - T cached keys before it (T == S is
+    ordinary self-attention); `q_offset` places query 0 elsewhere. A sliding window of W keeps
+    keys at distance < W behind the query.
     """
-    qpos = jnp.arange(t)[:, None] + (s - t)
+    qpos = jnp.arange(t)[:, None] + (s - t if q_offset is None else q_offset)
     kpos = jnp.arange(s)[None, :]
     mask = jnp.ones((t, s), bool)
     if causal:
@@ -97,6 +110,7 @@ def flash_attention_reference(
     sm_scale: float,
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
     sliding_window: int | None = None,
+    q_offset: int | jax.Array | None = None,
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention as `flash_attention` computes it, in one dense softmax.
@@ -106,6 +120,7 @@ def flash_attention_reference(
       segment_ids: [B, S] (when T == S) or a pair ([B, T], [B, S]); a query sees only keys of
         its own segment (packed or ragged sequences).
       sliding_window: keys further than this many positions behind a query are hidden.
+      q_offset: position of query 0 among the keys; default S - T.
 
     Returns:
       [B, T, H, D] in q's dtype (and the natural-log logsumexp [B, H, T] in float32 when
@@ -122,15 +137,11 @@ def flash_attention_reference(
         sliding_window=sliding_window,
         q_segment_ids=q_seg,
         kv_segment_ids=kv_seg,
+        q_offset=q_offset,
     )  # [B|1, T, S]
     qg = q.reshape(b, t, kh, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores * sm_scale, -jnp.inf)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(scores - m)  # exactly 0 where masked
-    l = jnp.sum(e, axis=-1, keepdims=True)
-    probs = e / jnp.where(l > 0, l, 1.0)
+    probs, m, l = masked_softmax(scores * sm_scale, mask[:, None, None])
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
     out = out.reshape(b, t, h, d).astype(q.dtype)
     if not return_lse:
@@ -178,14 +189,10 @@ def paged_attention_reference(
     valid = jnp.arange(max_pages * page_size)[None, :] < lengths[:, None]  # [B, S]
     qg = q.reshape(b, kh, g, d).astype(jnp.float32)
     scores = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(jnp.float32)) * sm_scale
-    scores = jnp.where(valid[:, None, None], scores, -jnp.inf)
+    probs, _, _ = masked_softmax(scores, valid[:, None, None])
     # Pages past a sequence's end may hold anything (even NaN): select, never multiply.
     v = jnp.where(valid[:, None, :, None], v.astype(jnp.float32), 0.0)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    e = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
-    e = jnp.where(valid[:, None, None], e, 0.0)
-    l = jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgs,bksd->bkgd", e / jnp.where(l > 0, l, 1.0), v)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, v)
     return out.reshape(b, h, d).astype(q.dtype)
 
 
@@ -240,12 +247,9 @@ def ragged_paged_attention_reference(
             )
             * sm_scale
         )
-        sc = jnp.where(valid, sc, -jnp.inf)
-        m = jnp.max(sc, axis=-1, keepdims=True)
-        e = jnp.where(valid, jnp.exp(sc - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-        l = jnp.sum(e, axis=-1, keepdims=True)
+        probs, _, _ = masked_softmax(sc, valid)
         vv = jnp.where(valid[:, None], v.astype(jnp.float32), 0.0)
-        o = jnp.einsum("kgs,ksd->kgd", e / jnp.where(l > 0, l, 1.0), vv)
+        o = jnp.einsum("kgs,ksd->kgd", probs, vv)
         return o.reshape(h, d)
 
     out = jax.lax.map(one_token, (q, seq, pos, live), batch_size=min(t, 64) or None)

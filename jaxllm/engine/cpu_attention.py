@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.model import PagedMeta
+from pallas_kernels.reference import masked_softmax
 
 
 def _gather(pages: jax.Array, tables: jax.Array) -> jax.Array:
@@ -49,11 +50,8 @@ def split_paged_attention(
     valid = jnp.arange(k.shape[2])[None, :] < meta.kv_lens[seq][:, None]  # [N, L]
     v = jnp.where(valid[:, None, :, None], v, 0.0)  # slots past the end may hold anything
     s = jnp.sum(qd[:, :, :, None, :] * k[:, :, None], axis=-1)  # [N, K, G, L]
-    s = jnp.where(valid[:, None, None], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.where(valid[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    l = jnp.sum(e, axis=-1, keepdims=True)
-    od = jnp.sum(e[..., None] * v[:, :, None], axis=3) / jnp.where(l > 0, l, 1.0)
+    probs, _, _ = masked_softmax(s, valid[:, None, None])
+    od = jnp.sum(probs[..., None] * v[:, :, None], axis=3)
     out = out.at[meta.dec_rows].set(od, mode="drop")
 
     # Prefill chunks: [C, R] rows of C sequences, causal within each.
@@ -71,10 +69,7 @@ def split_paged_attention(
     )
     v = jnp.where((kpos[None, :] < kv_len[:, None])[:, None, :, None], v, 0.0)
     s = jnp.einsum("crkgd,ckld->ckgrl", qp, k)
-    s = jnp.where(valid[:, None, None], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    e = jnp.where(valid[:, None, None], jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    l = jnp.sum(e, axis=-1, keepdims=True)
-    op = jnp.einsum("ckgrl,ckld->crkgd", e / jnp.where(l > 0, l, 1.0), v)
+    probs, _, _ = masked_softmax(s, valid[:, None, None])
+    op = jnp.einsum("ckgrl,ckld->crkgd", probs, v)
     out = out.at[rows].set(op, mode="drop")
     return out[:t].reshape(t, h, d).astype(q.dtype)
