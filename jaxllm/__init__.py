@@ -2,7 +2,14 @@
 
 from jaxllm.config import ModelConfig
 from jaxllm.errors import JaxLLMError
-from jaxllm.llm import LLM, RequestOutput
+from jaxllm.llm import LLM, CompletionOutput, RequestOutput
 from jaxllm.sampling import SamplingParams
 
-__all__ = ["LLM", "JaxLLMError", "ModelConfig", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "JaxLLMError",
+    "ModelConfig",
+    "RequestOutput",
+    "SamplingParams",
+]

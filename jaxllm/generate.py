@@ -168,6 +168,11 @@ class Generator:
         for ids, p in zip(prompts, params):
             self.check_prompt(ids, p.max_tokens)
             stop_token_list(p, eos_token_ids)
+            if p.engine_only():
+                raise JaxLLMError(
+                    f"{', '.join(p.engine_only())} need the serving engine; the static "
+                    "generator (LLM(..., engine=False)) does not implement them"
+                )
         results: list[Generation] = []
         totals = BatchTimings()
         for i in range(0, len(prompts), self.max_batch):

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -25,8 +26,22 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 @dataclasses.dataclass
+class CompletionOutput:
+    """One of a prompt's `n` completions (vLLM's shape)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: {id: logprob}, top-k + chosen
+
+
+@dataclasses.dataclass
 class RequestOutput:
-    """One prompt's result (vLLM's shape, one completion per prompt)."""
+    """One prompt's result. `outputs` holds its n completions (best first for best_of and
+    beam search); `token_ids`, `text` and `finish_reason` are those of the first."""
 
     prompt: str | None
     prompt_token_ids: list[int]
@@ -34,6 +49,8 @@ class RequestOutput:
     text: str
     finish_reason: str
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    outputs: list[CompletionOutput] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 def enable_compilation_cache() -> None:
@@ -141,24 +158,53 @@ class LLM:
             params = list(sampling_params)
         if self.use_engine:
             done = self._run_engine(ids, params, on_first_tokens)
-            results = [(r.output, r.status.value, r.metrics) for r in done]
         else:
             gens = self.generator.generate(
                 ids, params, eos_token_ids=self.eos_token_ids, on_first_tokens=on_first_tokens
             )
             self._timings = self.generator.last_timings
-            results = [(g.token_ids, g.finish_reason, {}) for g in gens]
-        return [
-            RequestOutput(
-                prompt=text,
-                prompt_token_ids=pids,
-                token_ids=out,
-                text=self.decode(out) if self.tokenizer is not None else "",
-                finish_reason=reason,
-                metrics=metrics,
+            done = [
+                SimpleNamespace(
+                    completions=[
+                        SimpleNamespace(index=0, token_ids=g.token_ids, text=None,
+                                        finish_reason=g.finish_reason, stop_reason=None,
+                                        cumulative_logprob=None, logprobs=None)
+                    ],
+                    prompt_logprobs=None,
+                    metrics={},
+                )
+                for g in gens
+            ]  # fmt: skip
+        results = []
+        for text, pids, res in zip(texts, ids, done):
+            outs = [
+                CompletionOutput(
+                    index=c.index,
+                    text=c.text if c.text is not None else self._text(c.token_ids),
+                    token_ids=c.token_ids,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    cumulative_logprob=c.cumulative_logprob,
+                    logprobs=c.logprobs,
+                )
+                for c in res.completions
+            ]
+            results.append(
+                RequestOutput(
+                    prompt=text,
+                    prompt_token_ids=pids,
+                    token_ids=outs[0].token_ids,
+                    text=outs[0].text,
+                    finish_reason=outs[0].finish_reason,
+                    metrics=res.metrics,
+                    outputs=outs,
+                    prompt_logprobs=res.prompt_logprobs,
+                )
             )
-            for text, pids, (out, reason, metrics) in zip(texts, ids, results)
-        ]
+        return results
+
+    def _text(self, ids: Sequence[int]) -> str:
+        return self.decode(ids) if self.tokenizer is not None else ""
 
     @property
     def engine(self) -> Any:
@@ -167,7 +213,10 @@ class LLM:
             from jaxllm.engine import EngineConfig, LLMEngine
 
             self._engine = LLMEngine(
-                self.model, self._engine_config or EngineConfig(), eos_token_ids=self.eos_token_ids
+                self.model,
+                self._engine_config or EngineConfig(),
+                eos_token_ids=self.eos_token_ids,
+                detokenize=self.decode if self.tokenizer is not None else None,
             )
         return self._engine
 
@@ -188,9 +237,9 @@ class LLM:
             for u in updates:
                 firsts.setdefault(u.request_id, u.new_token)
                 generated += 1
-                if u.finished and u.request_id in pending:
-                    pending.discard(u.request_id)
-                    n_done += 1
+            for r in [r for r in pending if eng.is_finished(r)]:
+                pending.discard(r)
+                n_done += 1
             if first_at is None and len(firsts) >= len(rids):
                 first_at = time.perf_counter()
                 if on_first_tokens is not None:
@@ -204,14 +253,14 @@ class LLM:
         end = time.perf_counter()
         if show:
             print(file=sys.stderr)
-        done = [eng.requests.pop(r) for r in rids]
+        done = [eng.collect(r) for r in rids]
         first_at = first_at or end
         self._timings = BatchTimings(
             prefill_s=first_at - t0,
             decode_s=end - first_at,
             first_token_s=first_at - t0,
             prompt_tokens=sum(len(p) for p in ids),
-            generated_tokens=sum(len(r.output) for r in done),
+            generated_tokens=sum(len(c.token_ids) for r in done for c in r.completions),
             decode_steps=steps_after,
         )
         return done
@@ -222,13 +271,19 @@ class LLM:
         """Yield the text as it is generated, in deltas (whole characters only)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         eng = self.engine
-        rid = eng.add_request(ids, sampling_params or SamplingParams())
+        params = sampling_params or SamplingParams()
+        if params.num_samples > 1 or params.use_beam_search:
+            raise JaxLLMError(
+                f"stream yields one sequence; n={params.n}, best_of={params.best_of}, "
+                f"use_beam_search={params.use_beam_search} need generate()"
+            )
+        rid = eng.add_request(ids, params)
         sent = ""
         try:
             while True:
                 eng.step()
                 req = eng.requests[rid]
-                text = self.decode(req.output)
+                text = req.text if req.text is not None else self.decode(req.output)
                 if not req.status.finished and text.endswith("\ufffd"):
                     continue  # a character split across tokens: wait for the rest
                 if len(text) > len(sent):
@@ -237,8 +292,7 @@ class LLM:
                 if req.status.finished:
                     return
         finally:
-            if not eng.requests[rid].status.finished:
-                eng.abort(rid)
+            eng.abort(rid)
             eng.requests.pop(rid, None)
 
     def chat(

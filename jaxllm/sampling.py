@@ -16,12 +16,26 @@ import numpy as np
 
 from jaxllm.errors import JaxLLMError
 
+MAX_N = 64  # completions (or beams) per request
+MAX_LOGPROBS = 20  # top log-probabilities returned per token (vLLM's default limit)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """What one request asks of the sampler (vLLM's names and meanings).
 
     temperature 0 is greedy; top_k 0 (or -1) and top_p 1 and min_p 0 turn those filters off.
+    Penalties (1.0 / 0.0 = off): `repetition_penalty` divides positive logits (multiplies
+    negative ones) of every token seen in the prompt or output; `presence_penalty` and
+    `frequency_penalty` subtract from tokens of the output once / once per occurrence.
+    `n` completions are returned, the best `n` by cumulative log-probability of `best_of`
+    samples when `best_of > n`; with `use_beam_search`, beam search of width `best_of or n`
+    (`length_penalty` divides a beam's score by its length to that power). `logprobs=k`
+    returns the model's top-k log-probabilities (plus the chosen token's) per output token,
+    `prompt_logprobs=k` per prompt token. Generation stops after a token of
+    `stop_token_ids` or once the text contains one of `stop` (cut from the text unless
+    `include_stop_str_in_output`). The engine serves all of these; the static generator
+    serves the sampling filters, seeds and stop token ids.
     """
 
     temperature: float = 1.0
@@ -32,6 +46,17 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: Sequence[str] = ()
+    include_stop_str_in_output: bool = False
+    n: int = 1
+    best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 100.0):
@@ -46,10 +71,58 @@ class SamplingParams:
             raise JaxLLMError(f"max_tokens={self.max_tokens} must be >= 1")
         if self.seed is not None and not (0 <= self.seed < 2**32):
             raise JaxLLMError(f"seed={self.seed} must be in [0, 2**32)")
+        if not (0.0 < self.repetition_penalty <= 10.0):
+            raise JaxLLMError(f"repetition_penalty={self.repetition_penalty} must be in (0, 10]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (-2.0 <= getattr(self, name) <= 2.0):
+                raise JaxLLMError(f"{name}={getattr(self, name)} must be in [-2, 2]")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise JaxLLMError(f"stop={list(self.stop)!r} must hold non-empty strings")
+        if not (1 <= self.n <= MAX_N):
+            raise JaxLLMError(f"n={self.n} must be in [1, {MAX_N}]")
+        if self.best_of is not None and not (self.n <= self.best_of <= MAX_N):
+            raise JaxLLMError(f"best_of={self.best_of} must be in [n={self.n}, {MAX_N}]")
+        if self.use_beam_search and self.temperature != 0.0:
+            raise JaxLLMError(
+                f"use_beam_search needs temperature=0 (beams are deterministic), got "
+                f"{self.temperature}"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not (0 <= k <= MAX_LOGPROBS):
+                raise JaxLLMError(f"{name}={k} must be in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences the request runs: `best_of` (beams or samples), else `n`."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    def engine_only(self) -> list[str]:
+        """The options set here that only the serving engine implements."""
+        names = []
+        if self.has_penalties:
+            names.append("penalties")
+        if self.stop:
+            names.append("stop")
+        if self.num_samples > 1 or self.use_beam_search:
+            names.append("n/best_of/use_beam_search")
+        if self.logprobs is not None or self.prompt_logprobs is not None:
+            names.append("logprobs/prompt_logprobs")
+        return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +136,21 @@ class SamplingArrays:
     seed: jax.Array
 
     @classmethod
-    def from_params(cls, params: Sequence[SamplingParams], batch: int) -> SamplingArrays:
-        """Pad to `batch` rows with greedy rows; draw seeds for unseeded requests."""
-        pad = [SamplingParams(temperature=0.0)] * (batch - len(params))
+    def from_params(
+        cls,
+        params: Sequence[SamplingParams],
+        batch: int,
+        seeds: Sequence[int] | None = None,
+    ) -> SamplingArrays:
+        """Pad to `batch` rows with greedy rows. Seeds: `seeds` when given, else each
+        request's own, drawn at random for unseeded requests."""
+        pad = [_GREEDY] * (batch - len(params))
         rows = list(params) + pad
-        rng = np.random.default_rng()
-        seeds = [p.seed if p.seed is not None else int(rng.integers(2**32)) for p in rows]
+        if seeds is not None:
+            seeds = list(seeds) + [0] * len(pad)
+        else:
+            rng = np.random.default_rng()
+            seeds = [p.seed if p.seed is not None else int(rng.integers(2**32)) for p in rows]
         return cls(
             temperature=np.asarray([p.temperature for p in rows], np.float32),
             top_k=np.asarray([max(p.top_k, 0) for p in rows], np.int32),
@@ -78,11 +160,50 @@ class SamplingArrays:
         )
 
 
+_GREEDY = SamplingParams(temperature=0.0)
+
 jax.tree_util.register_dataclass(
     SamplingArrays,
     data_fields=["temperature", "top_k", "top_p", "min_p", "seed"],
     meta_fields=[],
 )
+
+
+def apply_penalties(
+    logits: jax.Array,
+    history: jax.Array,
+    history_is_output: jax.Array,
+    repetition: jax.Array,
+    presence: jax.Array,
+    frequency: jax.Array,
+) -> jax.Array:
+    """Repetition, presence and frequency penalties (vLLM's/HF's definitions).
+
+    logits [R, V] float32; history [R, L] int32 token ids of each row's prompt and output
+    (ids >= V are padding); history_is_output [R, L] bool; penalties [R]. Returns [R, V].
+    """
+    rows, vocab = logits.shape
+    r = jnp.arange(rows)[:, None]
+    counts = jnp.zeros((rows, vocab), jnp.float32)
+    counts = counts.at[r, history].add(history_is_output.astype(jnp.float32), mode="drop")
+    seen = jnp.zeros((rows, vocab), jnp.bool_).at[r, history].set(True, mode="drop")
+    rep = repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def top_logprobs(logits: jax.Array, chosen: jax.Array, k: int):
+    """The model's log-probabilities: of `chosen` [R] and, when k > 0, the top k.
+
+    logits [R, V] float32. Returns (chosen_logprob [R], top_ids [R, k], top_logprobs [R, k]).
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen_lp = jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0]
+    if k == 0:
+        empty = jnp.zeros((logits.shape[0], 0))
+        return chosen_lp, empty.astype(jnp.int32), empty
+    top_lp, top_ids = jax.lax.top_k(logp, k)
+    return chosen_lp, top_ids.astype(jnp.int32), top_lp
 
 
 def filter_logits(

@@ -80,7 +80,7 @@ def test_prefix_cache_shares_pages_and_keeps_outputs(tiny):
     cached_engine, cached = run(True)
     _, plain = run(False)
     assert [r.output for r in cached] == [r.output for r in plain]
-    assert [r.num_cached for r in cached] == [0, 256, 256, 256]
+    assert [r.metrics["cached_prompt_tokens"] for r in cached] == [0, 256, 256, 256]
     assert cached_engine.metrics()["prefix_cache_hit_tokens"] == 3 * 256
 
 

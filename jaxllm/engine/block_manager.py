@@ -97,14 +97,15 @@ class BlockManager:
             parent = h
         return pages, hashes
 
-    def allocate_prompt(self, seq_id: str, tokens: Sequence[int]) -> int:
-        """Start `seq_id`, sharing any cached prefix pages. Returns tokens already computed.
+    def allocate_prompt(self, seq_id: str, tokens: Sequence[int], lookup: bool = True) -> int:
+        """Start `seq_id`, sharing any cached prefix pages (unless not `lookup`). Returns
+        tokens already computed.
 
         Takes no fresh pages: `allocate` does, as chunks are scheduled.
         """
         if seq_id in self.seqs:
             raise JaxLLMError(f"sequence {seq_id!r} already has pages")
-        pages, hashes = self.lookup_prefix(tokens)
+        pages, hashes = self.lookup_prefix(tokens) if lookup else ([], [])
         for p in pages:
             if self.ref[p] == 0:
                 del self.free[p]

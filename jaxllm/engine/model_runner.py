@@ -8,6 +8,9 @@ per bucket combination it meets, not one per step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +19,13 @@ from flax import nnx
 from jaxllm.attention import paged_uses_native_cpu, resolve_backend
 from jaxllm.engine.scheduler import SchedulerOutput
 from jaxllm.model import PagedMeta, Transformer, init_pages
-from jaxllm.sampling import SamplingArrays, sample
+from jaxllm.sampling import (
+    SamplingArrays,
+    SamplingParams,
+    apply_penalties,
+    sample,
+    top_logprobs,
+)
 
 
 def pow2_bucket(n: int, minimum: int = 1) -> int:
@@ -28,6 +37,34 @@ def pow2_bucket(n: int, minimum: int = 1) -> int:
     return b
 
 
+@dataclass
+class Draw:
+    """One token to draw this step from the logits of scheduled sequence `seq` (an index
+    into `SchedulerOutput.seqs`). A sequence forking into n samples has n draws."""
+
+    seq: int
+    params: SamplingParams
+    seed: int
+    step: int  # index of the token in the output: with the seed, it fixes the draw
+    logprobs: int = -1  # -1: none; 0: the drawn token's log-probability; k: also the top k
+    history: Sequence[int] = ()  # prompt + output ids, read when params has penalties
+    num_prompt: int = 0
+
+
+@dataclass
+class DrawResult:
+    token: int
+    logprob: float | None  # the model's log-probability of `token` (before penalties)
+    top: list[tuple[int, float]]  # the model's top-k (id, log-probability), best first
+
+
+@dataclass
+class PromptLogprob:
+    position: int  # of the prompt token scored (>= 1)
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_pages: int, page_size: int, cache_dtype=None):
         self.config = model.config
@@ -35,7 +72,11 @@ class ModelRunner:
         self.num_pages = num_pages
         self.graphdef, self.state = nnx.split(model)
         self.pages = init_pages(self.config, num_pages, page_size, cache_dtype or model.dtype)
-        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._step = jax.jit(
+            self._step_impl,
+            donate_argnums=(1,),
+            static_argnames=("logprobs_k", "prompt_k", "penalties"),
+        )
         self._copy = jax.jit(self._copy_impl, donate_argnums=(0,))
         # The decode/prefill split metadata is only read by the jnp CPU path; leaving it
         # empty otherwise keeps it out of the compiled shapes.
@@ -44,20 +85,47 @@ class ModelRunner:
         )
         self.compiled_shapes: set[tuple[int, ...]] = set()
 
-    def _step_impl(self, state, pages, tokens, positions, meta, logits_index, sp, steps):
+    def _step_impl(
+        self, state, pages, tokens, positions, meta, logits_index, draw, extra,
+        *, logprobs_k: int, prompt_k: int, penalties: bool,
+    ):  # fmt: skip
         model = nnx.merge(self.graphdef, state)
         logits, pages = model.forward_paged(tokens, positions, pages, meta, logits_index)
-        return pages, sample(logits, sp, steps)
+        rows = logits[draw["row"]]
+        adjusted = rows
+        if penalties:
+            adjusted = apply_penalties(
+                rows, extra["history"], extra["history_is_output"], *extra["penalties"]
+            )
+        out = {"tokens": sample(adjusted, draw["params"], draw["step"])}
+        if logprobs_k >= 0:
+            out["logprob"], out["top_ids"], out["top_logprobs"] = top_logprobs(
+                rows, out["tokens"], logprobs_k
+            )
+        if prompt_k >= 0:
+            targets = extra["prompt_targets"]
+            out["prompt_logprob"], out["prompt_top_ids"], out["prompt_top_logprobs"] = top_logprobs(
+                logits, targets, prompt_k
+            )
+        return pages, out
 
     @staticmethod
     def _copy_impl(pages, src, dst):
         return tuple((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in pages)
 
-    def execute(self, out: SchedulerOutput, tables: dict[str, list[int]]) -> dict[str, int]:
-        """Run one step; returns the sampled token of each sequence that samples."""
+    def execute(
+        self,
+        out: SchedulerOutput,
+        tables: dict[str, list[int]],
+        draws: Sequence[Draw],
+        prompt_logprobs: dict[int, int] | None = None,
+    ) -> tuple[list[DrawResult], dict[int, list[PromptLogprob]]]:
+        """Run one step: every draw's token (and log-probabilities), and for each sequence
+        index in `prompt_logprobs` (-> k) the scores of its prompt tokens computed this step."""
         if out.copies:
             src, dst = (np.asarray(x, np.int32) for x in zip(*out.copies))
             self.pages = self._copy(self.pages, src, dst)
+        prompt_logprobs = prompt_logprobs or {}
         seqs = out.seqs
         ps = self.page_size
         t_b = pow2_bucket(out.num_tokens)
@@ -70,9 +138,6 @@ class ModelRunner:
         kv_lens = np.zeros(s_b, np.int32)
         block_tables = np.zeros((s_b, p_b), np.int32)
         cu = np.zeros(s_b + 1, np.int32)
-        logits_index = np.zeros(s_b, np.int32)
-        steps = np.zeros(s_b, np.int32)
-        params = []
         row = 0
         for i, s in enumerate(seqs):
             req = s.request
@@ -85,20 +150,63 @@ class ModelRunner:
             cu[i + 1] = row
             kv_lens[i] = s.start + s.num_tokens
             block_tables[i, : len(table)] = table
-            logits_index[i] = row - 1
-            steps[i] = len(req.output)
-            params.append(req.params)
         cu[len(seqs) + 1 :] = row
+        last_rows = cu[1 : len(seqs) + 1] - 1
+        # Logits for each sequence's last token; for every token when prompts are scored.
+        extra: dict = {}
+        prompt_k = -1
+        if prompt_logprobs:
+            logits_index = np.arange(t_b, dtype=np.int32)
+            draw_rows = last_rows
+            prompt_k = pow2_bucket(max(prompt_logprobs.values()), 0)
+            targets = np.zeros(t_b, np.int32)
+            for i in prompt_logprobs:
+                s = seqs[i]
+                nxt = s.request.tokens[s.start + 1 : s.start + s.num_tokens + 1]
+                targets[cu[i] : cu[i] + len(nxt)] = nxt
+            extra["prompt_targets"] = targets
+        else:
+            logits_index = np.zeros(s_b, np.int32)
+            logits_index[: len(seqs)] = last_rows
+            draw_rows = np.arange(len(seqs), dtype=np.int32)
+        r_b = max(s_b, pow2_bucket(len(draws)))
+        seeds = [d.seed for d in draws]
+        draw = {
+            "row": np.zeros(r_b, np.int32),
+            "step": np.zeros(r_b, np.int32),
+            "params": SamplingArrays.from_params([d.params for d in draws], r_b, seeds=seeds),
+        }
+        for j, d in enumerate(draws):
+            draw["row"][j] = draw_rows[d.seq]
+            draw["step"][j] = d.step
+        penalties = any(d.params.has_penalties for d in draws)
+        if penalties:
+            hist_len = pow2_bucket(max(len(d.history) for d in draws), 16)
+            vocab = self.config.vocab_size
+            history = np.full((r_b, hist_len), vocab, np.int32)
+            is_output = np.zeros((r_b, hist_len), np.bool_)
+            pen = np.zeros((3, r_b), np.float32)
+            pen[0] = 1.0
+            for j, d in enumerate(draws):
+                if d.params.has_penalties:
+                    history[j, : len(d.history)] = d.history
+                    is_output[j, d.num_prompt : len(d.history)] = True
+                    p = d.params
+                    pen[:, j] = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+            extra.update(history=history, history_is_output=is_output, penalties=tuple(pen))
+        logprobs_k = max((d.logprobs for d in draws), default=-1)
+        if logprobs_k > 0:
+            logprobs_k = pow2_bucket(logprobs_k)
         # The CPU split: one-token sequences, then multi-token chunks padded to [C, R].
         dec = [i for i, s in enumerate(seqs) if s.num_tokens == 1] if self.split else []
         pre = [i for i, s in enumerate(seqs) if s.num_tokens > 1] if self.split else []
         n_b, c_b = pow2_bucket(len(dec), 0), pow2_bucket(len(pre), 0)
-        r_b = pow2_bucket(max((seqs[i].num_tokens for i in pre), default=0), 0)
+        rr_b = pow2_bucket(max((seqs[i].num_tokens for i in pre), default=0), 0)
         dec_rows = np.full(n_b, t_b, np.int32)
         dec_seq = np.zeros(n_b, np.int32)
         dec_rows[: len(dec)] = cu[dec]
         dec_seq[: len(dec)] = dec
-        pre_rows = np.full((c_b, r_b), t_b, np.int32)
+        pre_rows = np.full((c_b, rr_b), t_b, np.int32)
         pre_seq = np.zeros(c_b, np.int32)
         for c, i in enumerate(pre):
             pre_rows[c, : seqs[i].num_tokens] = np.arange(cu[i], cu[i + 1])
@@ -114,13 +222,39 @@ class ModelRunner:
             pre_rows=pre_rows,
             pre_seq=pre_seq,
         )
-        sp = SamplingArrays.from_params(params, s_b)
-        self.compiled_shapes.add((t_b, s_b, p_b, n_b, c_b, r_b))
-        self.pages, next_tokens = self._step(
-            self.state, self.pages, tokens, positions, meta, logits_index, sp, steps
+        self.compiled_shapes.add(
+            (t_b, s_b, p_b, n_b, c_b, rr_b, r_b, logprobs_k, prompt_k, penalties)
+            + ((extra["history"].shape[1],) if penalties else ())
         )
-        next_tokens = np.asarray(next_tokens)
-        return {s.request.request_id: int(next_tokens[i]) for i, s in enumerate(seqs) if s.samples}
+        self.pages, res = self._step(
+            self.state, self.pages, tokens, positions, meta, logits_index, draw, extra,
+            logprobs_k=logprobs_k, prompt_k=prompt_k, penalties=penalties,
+        )  # fmt: skip
+        res = jax.device_get(res)
+        results = []
+        for j, d in enumerate(draws):
+            top = []
+            if d.logprobs > 0:
+                ids, lps = res["top_ids"][j, : d.logprobs], res["top_logprobs"][j, : d.logprobs]
+                top = [(int(a), float(b)) for a, b in zip(ids, lps)]
+            lp = float(res["logprob"][j]) if d.logprobs >= 0 else None
+            results.append(DrawResult(int(res["tokens"][j]), lp, top))
+        scored: dict[int, list[PromptLogprob]] = {}
+        for i, k in prompt_logprobs.items():
+            s = seqs[i]
+            n_prompt = len(s.request.prompt)
+            items = []
+            for r, pos in enumerate(range(s.start, s.start + s.num_tokens)):
+                if pos + 1 >= n_prompt:
+                    break
+                top = []
+                if k > 0:
+                    ids = res["prompt_top_ids"][cu[i] + r, :k]
+                    lps = res["prompt_top_logprobs"][cu[i] + r, :k]
+                    top = [(int(a), float(b)) for a, b in zip(ids, lps)]
+                items.append(PromptLogprob(pos + 1, float(res["prompt_logprob"][cu[i] + r]), top))
+            scored[i] = items
+        return results, scored
 
 
 def kv_bytes_per_token(config, dtype) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from jaxllm.sampling import SamplingParams
 
@@ -37,6 +38,18 @@ class Request:
     preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
+    # What the engine tracks beside the tokens (see `LLMEngine`).
+    seed: int = 0  # this sequence's sampling seed (a request's n samples use seed + i)
+    index: int = 0  # which of its request's sequences this is
+    group: Any = None  # the `SampleGroup`/`BeamGroup` of a request with several sequences
+    fanout: int = 1  # draws at the prompt's end (a parent about to fork into n samples)
+    logprobs_k: int = -1  # per output token: -1 nothing, 0 the token's logprob, k the top k
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    text: str | None = None  # the output text, cut at a stop string (only when one is set)
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    root_id: str = ""  # the request's id, for a sequence forked from its first
 
     @property
     def tokens(self) -> list[int]:
@@ -52,6 +65,7 @@ class Request:
             self.first_token_time = now
         if token in self.stop_ids:
             self.status = Status.FINISHED_STOPPED
+            self.stop_reason = token
         elif len(self.output) >= self.params.max_tokens:
             self.status = Status.FINISHED_LENGTH
         if self.status.finished:

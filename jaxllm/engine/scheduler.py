@@ -83,6 +83,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed, budget)
+            if n == 0:  # a beam waiting for the rest of its group to be scored
+                i += 1
+                continue
             while not self.blocks.can_allocate(req.request_id, req.num_computed + n):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim, out)
@@ -95,7 +98,9 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            cached = self.blocks.allocate_prompt(req.request_id, req.tokens)
+            # Scoring the prompt needs every prompt token computed, so no cache lookup then.
+            lookup = req.params.prompt_logprobs is None or bool(req.output)
+            cached = self.blocks.allocate_prompt(req.request_id, req.tokens, lookup)
             n = min(req.num_tokens - cached, budget)
             if not self.blocks.can_allocate(req.request_id, cached + n):
                 self.blocks.free_seq(req.request_id)  # its cached pages stay cached
@@ -111,20 +116,39 @@ class Scheduler:
             budget -= n
         return out
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
-        """Advance computed counts, register full pages, append sampled tokens; returns the
-        requests that finished this step (their pages are freed)."""
-        finished = []
+    def advance(self, out: SchedulerOutput) -> None:
+        """After a step ran: advance computed counts and register newly full pages."""
         for s in out.seqs:
             req = s.request
             if req.status is not Status.RUNNING:  # aborted meanwhile
                 continue
             req.num_computed = s.start + s.num_tokens
             self.blocks.commit_full_pages(req.request_id, req.tokens[: req.num_computed])
-            if s.samples:
+
+    def remove(self, req: Request) -> None:
+        """Take a request out of either queue and free its pages (finished, or a beam that
+        fell out of its group)."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.blocks.free_seq(req.request_id)
+
+    def add_running(self, req: Request) -> None:
+        """A sequence forked from a running one (its pages are already shared)."""
+        req.status = Status.RUNNING
+        self.running.append(req)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
+        """`advance`, then append each sampled token; returns the requests that finished this
+        step (their pages are freed)."""
+        self.advance(out)
+        finished = []
+        for s in out.seqs:
+            req = s.request
+            if s.samples and req.status is Status.RUNNING:
                 req.append(sampled[req.request_id], now)
                 if req.status.finished:
-                    self.running.remove(req)
-                    self.blocks.free_seq(req.request_id)
+                    self.remove(req)
                     finished.append(req)
         return finished
