@@ -36,6 +36,28 @@ def test_chat_uses_the_template_and_stops_on_eos(smollm2):
     assert "Paris" in out.text
 
 
+def test_stop_strings_and_n_samples_through_the_api(smollm2):
+    """The real tokenizer's text is cut where a stop string first appears (oracle: the same
+    greedy request without it); n=2 seeded samples equal two single seeded requests."""
+    prompt = "List three colours: red, green,"
+    free = smollm2.generate(prompt, SamplingParams(temperature=0, max_tokens=24))[0]
+    stop = "answer"
+    assert stop in free.text
+    cut = smollm2.generate(prompt, SamplingParams(temperature=0, max_tokens=24, stop=[stop]))[0]
+    assert cut.text == free.text[: free.text.find(stop)]
+    assert cut.finish_reason == "stop" and cut.outputs[0].stop_reason == stop
+    assert free.token_ids[: len(cut.token_ids)] == cut.token_ids
+    p = SamplingParams(temperature=0.8, max_tokens=6, seed=5, n=2, logprobs=1)
+    both = smollm2.generate(prompt, p)[0]
+    singles = [
+        smollm2.generate(prompt, SamplingParams(temperature=0.8, max_tokens=6, seed=5 + i))[0]
+        for i in range(2)
+    ]
+    assert [o.token_ids for o in both.outputs] == [s.token_ids for s in singles]
+    assert [o.text for o in both.outputs] == [s.text for s in singles]
+    assert all(len(o.logprobs) == len(o.token_ids) for o in both.outputs)
+
+
 def test_logits_last_row_drives_greedy(smollm2):
     ids = smollm2.encode("One, two, three, four,")
     logits = smollm2.logits(ids)
