@@ -225,3 +225,39 @@ def test_bad_sampling_values_name_the_limit(tiny):
         make_engine(tiny, max_num_seqs=4).add_request([1, 2], SamplingParams(n=5))
     with pytest.raises(JaxLLMError, match="need the serving engine"):
         Generator(Transformer(cfg, params)).generate([[1, 2]], [SamplingParams(n=2)])
+
+
+def test_forks_beams_aborts_and_preemption_keep_the_pool_whole(tiny):
+    """A mixed load (n samples, beams, penalties, a stop string) in a pool small enough to
+    preempt, with aborts mid-flight: after every step the block manager's refcounts match its
+    tables, and at the end every page is free and every request has its completions."""
+    rng = np.random.default_rng(4)
+    engine = make_engine(tiny, num_pages=24, max_num_batched_tokens=32, max_num_seqs=12)
+    kinds = [
+        SamplingParams(temperature=0.9, n=3, max_tokens=9, seed=1, ignore_eos=True),
+        SamplingParams(temperature=0.0, n=2, use_beam_search=True, max_tokens=7, ignore_eos=True),
+        SamplingParams(temperature=0.7, n=2, best_of=3, max_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=11, repetition_penalty=1.3, stop=["zz"]),
+    ]
+    rids = []
+    for i in range(10):
+        prompt = [int(t) for t in rng.integers(3, 250, int(rng.integers(3, 40)))]
+        rids.append(engine.add_request(prompt, kinds[i % len(kinds)]))
+    aborted = {rids[2], rids[7]}
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        engine.blocks.check()
+        steps += 1
+        if steps == 3:
+            for r in aborted:
+                engine.abort(r)
+    assert engine.metrics()["preemptions"] > 0
+    assert engine.metrics()["kv_pages_free"] == engine.metrics()["kv_pages_total"]
+    for i, r in enumerate(rids):
+        assert engine.is_finished(r)
+        out = engine.collect(r)
+        if r not in aborted:
+            p = kinds[i % len(kinds)]
+            assert len(out.completions) == p.n
+            assert all(1 <= len(c.token_ids) <= p.max_tokens for c in out.completions)
