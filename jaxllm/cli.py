@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--attention", default="auto")
     g.add_argument("--json", action="store_true", help="print token ids and timings as JSON")
+    g.add_argument(
+        "--mesh", default=None, help="shard over devices: data=2,pipeline=1,tensor=4 or a name"
+    )
     return p
 
 
@@ -45,7 +48,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    llm = LLM(args.model, dtype=args.dtype, attention=args.attention, log=log)
+    llm = LLM(args.model, dtype=args.dtype, attention=args.attention, log=log, mesh=args.mesh)
     tok = llm._require_tokenizer()
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []

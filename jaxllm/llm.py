@@ -58,6 +58,10 @@ class LLM:
       engine: run `generate`/`chat`/`stream` on the serving engine (paged KV cache,
         continuous batching; the default) or, with False, on the static batched generator.
       engine_config: the engine's KV pool and step limits (`jaxllm.engine.EngineConfig`).
+      mesh: run sharded over a device mesh: `"data=2,pipeline=1,tensor=4"`, a configs/mesh
+        name, a `sharding.mesh.MeshConfig` or a `jax.sharding.Mesh` (see jaxllm/parallel.py).
+        On a mesh, generation uses the static generator.
+      microbatches: pipeline microbatches per batch (default: one per stage).
     """
 
     def __init__(
@@ -69,8 +73,10 @@ class LLM:
         max_batch: int = 64,
         compilation_cache: bool = True,
         log: Any = print,
-        engine: bool = True,
+        engine: bool | None = None,
         engine_config: Any = None,
+        mesh: Any = None,
+        microbatches: int = 0,
     ):
         if dtype not in _DTYPES:
             raise JaxLLMError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
@@ -80,16 +86,31 @@ class LLM:
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
-        self.model = Transformer(
-            loaded.config,
-            loaded.params,
-            dtype=_DTYPES[dtype],
-            attention=resolve_backend(attention),
-            rope_factors=loaded.rope_factors,
-        )
+        self.mesh = None
+        if mesh is not None:
+            if engine:
+                raise JaxLLMError("engine=True: the serving engine does not run on a mesh yet")
+            from jaxllm.parallel import shard_generator
+
+            self.generator: Generator = shard_generator(
+                loaded.config, loaded.params, mesh, dtype=_DTYPES[dtype],
+                attention=resolve_backend(attention), rope_factors=loaded.rope_factors,
+                max_batch=max_batch, microbatches=microbatches,
+            )  # fmt: skip
+            self.mesh = self.generator.mesh
+            self.model = self.generator.sharded.model
+            engine = False
+        else:
+            self.model = Transformer(
+                loaded.config,
+                loaded.params,
+                dtype=_DTYPES[dtype],
+                attention=resolve_backend(attention),
+                rope_factors=loaded.rope_factors,
+            )
+            self.generator = Generator(self.model, max_batch=max_batch)
         del loaded
-        self.generator = Generator(self.model, max_batch=max_batch)
-        self.use_engine = engine
+        self.use_engine = engine is None or engine
         self._engine_config = engine_config
         self._engine: Any = None
         self._log = log

@@ -378,3 +378,12 @@ def shard_generator(
         batch=max_batch,
     )  # fmt: skip
     return ShardedGenerator(sharded, max_batch=max_batch, microbatches=microbatches)
+
+
+def device_bytes(tree: Any) -> dict[Any, int]:
+    """Bytes each device holds of the arrays in `tree` (replicas counted on every device)."""
+    out: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out

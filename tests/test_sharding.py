@@ -1,0 +1,126 @@
+"""Mesh configs, the rule table, KV-head replication and the GPipe bookkeeping on one device;
+and the 8-device suite (tests/sharded) in a subprocess, where the device-count flag can be
+set before jax starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxllm import JaxLLMError
+from jaxllm.generate import Generator
+from jaxllm.model import Transformer, random_params
+from jaxllm.parallel import load_mesh_config, param_axes, replicate_kv_heads
+from sharding import rules
+from sharding.mesh import MeshConfig, MeshError, check_divides, kv_replication
+from sharding.pipeline import bubble_fraction, pick_microbatches
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_mesh_config_from_flags_and_yaml():
+    assert MeshConfig.parse("data=2,pipeline=1,tensor=4") == MeshConfig(2, 1, 4)
+    assert MeshConfig.parse("tensor=8").shape == (1, 1, 8)
+    for path in sorted((ROOT / "configs" / "mesh").glob("*.yaml")):
+        cfg = load_mesh_config(path.stem)
+        assert load_mesh_config(str(cfg)) == cfg and cfg.size in (1, 8)
+    assert load_mesh_config("dp2-pp2-tp2") == MeshConfig(2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("data=2,tensr=4", r"unknown mesh axes \['tensr'\]"),
+        ("data=0", "data=0 must be a positive integer"),
+        ("tensor=x", "bad mesh entry 'tensor=x'"),
+        ("no-such-mesh", "not axis=size pairs, a YAML file or a known mesh"),
+    ],
+)
+def test_bad_mesh_specs_raise_one_clear_error(text, message):
+    with pytest.raises(JaxLLMError, match=message):
+        load_mesh_config(text)
+
+
+def test_divisibility_checks_name_the_value_and_the_limit():
+    ok = dict(heads=9, kv_heads=3, layers=30, mlp=1536, batch=4)
+    check_divides(MeshConfig(2, 2, 3), **ok)
+    # 3 KV heads on 9 shards are replicated, not an error.
+    check_divides(MeshConfig(1, 1, 9), **{**ok, "mlp": 9 * 128})
+    for mesh, message in [
+        (MeshConfig(1, 1, 2), "tensor=2 does not divide the 9 attention heads"),
+        (MeshConfig(1, 1, 9), "tensor=9 does not divide the MLP width 1536"),
+        (MeshConfig(1, 4, 1), "pipeline=4 does not divide the 30 layers"),
+        (MeshConfig(8, 1, 1), "data=8 does not divide the batch of 4"),
+    ]:
+        with pytest.raises(MeshError, match=message):
+            check_divides(mesh, **ok)
+
+
+def test_rule_table_maps_logical_axes_to_megatron_splits():
+    qkv = param_axes(("layers", 0, "attn", "qkv", "weight", "value"))
+    assert rules.spec(qkv) == P("tensor", None)  # column-parallel
+    assert rules.spec(param_axes(("layers", 0, "attn", "o", "weight"))) == P(None, "tensor")
+    assert rules.spec(param_axes(("layers", 0, "mlp", "down", "weight"))) == P(None, "tensor")
+    assert rules.spec(param_axes(("embed", "table"))) == P("tensor", None)  # vocab-parallel
+    assert rules.spec(param_axes(("inv_freq", "value"))) == P(None)
+    assert rules.spec((rules.STAGE, rules.LAYERS, *qkv)) == P("pipeline", None, "tensor", None)
+    with pytest.raises(KeyError, match="no logical axes"):
+        param_axes(("layers", 0, "attn", "new_thing", "weight"))
+
+
+@pytest.mark.parametrize("kv, tensor, copies", [(3, 3, 1), (2, 8, 4), (3, 9, 3), (8, 4, 1)])
+def test_kv_replication_factor(kv, tensor, copies):
+    assert kv_replication(kv, tensor) == copies
+    assert (kv * copies) % tensor == 0
+
+
+def test_replicated_kv_heads_and_sharded_mlp_layout_compute_the_same_model(tiny_config):
+    """Oracle: the plain model. Copying each KV head and laying gate/up out for 4 shards
+    changes the arrays, not the function."""
+    params = random_params(tiny_config, seed=4, scale=0.3)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    want = Generator(Transformer(tiny_config, params)).logits(ids)
+    cfg2, params2 = replicate_kv_heads(tiny_config, params, 2)
+    assert cfg2.num_kv_heads == 4 and cfg2.group_size == 1
+    got = Generator(Transformer(cfg2, params2, mlp_shards=4)).logits(ids)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bubble_fraction_counts_idle_stage_ticks():
+    """Brute force: walk the GPipe schedule and count (stage, tick) slots with no microbatch."""
+    for stages in (1, 2, 4):
+        for micro in (1, 2, 6):
+            ticks = micro + stages - 1
+            idle = sum(1 for s in range(stages) for t in range(ticks) if not 0 <= t - s < micro)
+            assert bubble_fraction(stages, micro) == pytest.approx(idle / (stages * ticks))
+    assert pick_microbatches(batch=8, data=2, wanted=4) == 4
+    assert pick_microbatches(batch=6, data=2, wanted=2) == 1  # 3 rows per data shard
+    assert pick_microbatches(batch=2, data=2, wanted=4) == 1
+
+
+def _run_sharded_suite(marker: str) -> None:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker]
+    proc = subprocess.run(
+        [*cmd, str(ROOT / "tests" / "sharded")], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=3000,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+def test_sharded_suite_on_8_host_devices():
+    _run_sharded_suite("not slow")
+
+
+@pytest.mark.slow
+def test_sharded_suite_slow_part_on_8_host_devices():
+    _run_sharded_suite("slow")
