@@ -150,9 +150,11 @@ def param_axes(path: Sequence[Any]) -> tuple[str | None, ...]:
     return _PARAM_AXES[key]
 
 
-def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """Copy each device's shard from a host array; no device ever holds the whole array."""
-    host = np.asarray(host)
+def place(host: Any, sharding: NamedSharding) -> jax.Array:
+    """Copy each device's shard from a host array; no device ever holds the whole array.
+
+    `host` is anything with `.shape` and numpy slicing (an ndarray, a memmap), read one
+    shard at a time."""
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
@@ -169,7 +171,7 @@ def _place_state(state: Any, mesh: Mesh, prefix: tuple[str, ...] = ()) -> Any:
     def put(path, leaf):
         keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
         names = prefix + param_axes(keys)
-        return place(leaf, R.named(names, mesh, np.shape(leaf)))
+        return place(np.asarray(leaf), R.named(names, mesh, np.shape(leaf)))
 
     return jax.tree_util.tree_map_with_path(put, state)
 
@@ -183,6 +185,7 @@ class ShardedModel:
     model: Transformer  # pipeline > 1: embedding, norm and head only (no layers)
     block_def: Any = None  # pipeline > 1: the graphdef shared by every layer
     stages: Any = None  # pipeline > 1: layer params stacked [stages, layers/stage, ...]
+    kv_copies: int = 1  # copies of each KV head (see replicate_kv_heads)
 
     @property
     def pipelined(self) -> bool:
@@ -205,14 +208,16 @@ def shard_model(
     """
     check_model_fits(cfg, mesh, batch)
     mc = mesh_config(mesh)
-    run_cfg, params = replicate_kv_heads(cfg, params, kv_replication(cfg.num_kv_heads, mc.tensor))
+    copies = kv_replication(cfg.num_kv_heads, mc.tensor)
+    run_cfg, params = replicate_kv_heads(cfg, params, copies)
     host = _host_model(
         run_cfg, params, dtype=dtype, attention=attention, rope_factors=rope_factors,
         mlp_shards=mc.tensor,
     )  # fmt: skip
     if mc.pipeline == 1:
         graphdef, state = nnx.split(host)
-        return ShardedModel(run_cfg, mesh, nnx.merge(graphdef, _place_state(state, mesh)))
+        model = nnx.merge(graphdef, _place_state(state, mesh))
+        return ShardedModel(run_cfg, mesh, model, kv_copies=copies)
     block_def, _ = nnx.split(host.layers[0])
     per_layer = [nnx.split(layer)[1] for layer in host.layers]
     per_stage = cfg.num_layers // mc.pipeline
@@ -226,7 +231,7 @@ def shard_model(
     host.layers = nnx.List([])
     graphdef, state = nnx.split(host)
     outer = nnx.merge(graphdef, _place_state(state, mesh))
-    return ShardedModel(run_cfg, mesh, outer, block_def, stages)
+    return ShardedModel(run_cfg, mesh, outer, block_def, stages, kv_copies=copies)
 
 
 def _constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh) -> jax.Array:

@@ -41,6 +41,7 @@ def test_sharded_logits_and_greedy_tokens_equal_single_device(tiny_mesh, shape):
     assert [g.token_ids for g in gen.generate(PROMPTS, sp)] == want_tokens
 
 
+@pytest.mark.slow
 def test_sharded_sampling_matches_single_device(tiny_mesh):
     """Seeded sampling draws the same tokens: the logits agree and the keys are the same."""
     cfg, params, *_ = tiny_mesh
