@@ -31,7 +31,27 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--mesh", default=None, help="shard over devices: data=2,pipeline=1,tensor=4 or a name"
     )
+    pl = sub.add_parser("plan", help="per-device memory and roofline decode rate on a mesh")
+    pl.add_argument("--model", required=True, help="a configs/models name or YAML path")
+    pl.add_argument("--mesh", default="data=1,pipeline=1,tensor=1")
+    pl.add_argument("--hardware", default="h100", help="h100, h200, tpu-v5e, tpu-v5p, cpu")
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--context", type=int, default=4096)
+    pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    pl.add_argument("--microbatches", type=int, default=0)
+    pl.add_argument("--json", action="store_true")
     return p
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from jaxllm.plan import as_dict, plan
+
+    p = plan(
+        args.model, args.mesh, args.hardware, batch=args.batch, context=args.context,
+        dtype=args.dtype, microbatches=args.microbatches,
+    )  # fmt: skip
+    print(json.dumps(as_dict(p)) if args.json else p.table())
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -108,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "plan":
+            return _plan(args)
     except JaxLLMError as e:
         print(f"jaxllm: error: {e}", file=sys.stderr)
         return 2

@@ -124,3 +124,37 @@ def test_sharded_suite_on_8_host_devices():
 @pytest.mark.slow
 def test_sharded_suite_slow_part_on_8_host_devices():
     _run_sharded_suite("slow")
+
+
+def test_plan_of_llama_70b_against_its_parameter_count():
+    """Oracle: ModelConfig.num_params. With tensor=8 (which divides 8 KV heads and the
+    vocab) every weight but the norms is split 8 ways."""
+    from jaxllm.config import ModelConfig
+    from jaxllm.plan import plan
+
+    cfg = ModelConfig.from_yaml("llama-3.1-70b")
+    p = plan("llama-3.1-70b", "data=2,tensor=8", "h100", batch=16, context=4096)
+    e = cfg.hidden_size
+    norms = (2 * cfg.num_layers + 1) * e
+    want = 2 * ((cfg.num_params() - norms) / 8 + norms) + 4 * (cfg.head_dim // 2)
+    assert p.param_bytes_per_device == want
+    kv = 2 * cfg.num_layers * (16 // 2) * (cfg.num_kv_heads // 8) * 4096 * cfg.head_dim * 2
+    assert p.kv_bytes_per_device == kv and p.fits and p.bound == "memory"
+    # Memory-bound roofline: the step reads the weights and the cache once.
+    read = (p.param_bytes_per_device + kv) / 3.35e12
+    assert read < p.decode_step_s < read * 1.05
+    with pytest.raises(JaxLLMError, match="tensor=3 does not divide the 64 attention heads"):
+        plan("llama-3.1-70b", "tensor=3", "h100")
+
+
+def test_plan_cli_json():
+    import json
+
+    cmd = [sys.executable, "-m", "jaxllm.cli", "plan", "--model", "llama-3.1-70b"]
+    cmd += ["--mesh", "data=2,tensor=8", "--hardware", "tpu-v5p", "--batch", "16", "--json"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    from jaxllm.plan import plan
+
+    want = plan("llama-3.1-70b", "data=2,tensor=8", "tpu-v5p", batch=16)
+    assert out["param_bytes_per_device"] == want.param_bytes_per_device
+    assert out["hardware"] == "tpu-v5p" and out["mesh"] == "data=2,pipeline=1,tensor=8"
