@@ -352,17 +352,24 @@ class ShardedGenerator(Generator):
     def _cache_slots(self, cache) -> int:
         return cache[0].shape[4] if self.sharded.pipelined else cache[0][0].shape[2]
 
+    # Tokens come back replicated: every process of a multi-host job can read them.
+    def _whole(self, x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, R.spec(())))
+
     def _prefill_impl(self, *args):
         with cpu_kernels.einsum_only():
-            return super()._prefill_impl(*args)
+            cache, first = super()._prefill_impl(*args)
+        return cache, self._whole(first)
 
     def _decode_impl(self, *args):
         with cpu_kernels.einsum_only():
-            return super()._decode_impl(*args)
+            cache, out, n, steps = super()._decode_impl(*args)
+        return cache, self._whole(out), self._whole(n), steps
 
     def _forward_impl(self, *args):
         with cpu_kernels.einsum_only():
-            return super()._forward_impl(*args)
+            logits = super()._forward_impl(*args)
+        return self._whole(logits) if jax.process_count() > 1 else logits
 
 
 def shard_generator(
