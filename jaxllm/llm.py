@@ -60,7 +60,8 @@ class LLM:
       engine_config: the engine's KV pool and step limits (`jaxllm.engine.EngineConfig`).
       mesh: run sharded over a device mesh: `"data=2,pipeline=1,tensor=4"`, a configs/mesh
         name, a `sharding.mesh.MeshConfig` or a `jax.sharding.Mesh` (see jaxllm/parallel.py).
-        On a mesh, generation uses the static generator.
+        On a mesh, generation uses the static generator unless engine=True (meshes
+        without pipeline stages: KV pages split by KV head over `tensor`).
       microbatches: pipeline microbatches per batch (default: one per stage).
     """
 
@@ -88,8 +89,6 @@ class LLM:
         self.source = loaded.source
         self.mesh = None
         if mesh is not None:
-            if engine:
-                raise JaxLLMError("engine=True: the serving engine does not run on a mesh yet")
             from jaxllm.parallel import shard_generator
 
             self.generator: Generator = shard_generator(
@@ -99,7 +98,9 @@ class LLM:
             )  # fmt: skip
             self.mesh = self.generator.mesh
             self.model = self.generator.sharded.model
-            engine = False
+            if engine and self.generator.sharded.pipelined:
+                raise JaxLLMError("engine=True: the serving engine runs on meshes with pipeline=1")
+            engine = bool(engine)
         else:
             self.model = Transformer(
                 loaded.config,
@@ -190,6 +191,10 @@ class LLM:
             self._engine = LLMEngine(
                 self.model, self._engine_config or EngineConfig(), eos_token_ids=self.eos_token_ids
             )
+            if self.mesh is not None:
+                from jaxllm.parallel import shard_engine
+
+                shard_engine(self._engine, self.mesh)
         return self._engine
 
     def _run_engine(self, ids, params, on_first_tokens) -> list[Any]:

@@ -399,3 +399,39 @@ def device_bytes(tree: Any) -> dict[Any, int]:
         for shard in leaf.addressable_shards:
             out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
     return out
+
+
+PAGE_AXES = (R.KV_HEADS, R.PAGES, None, R.HEAD_DIM)  # [K, pages, page_size, D]
+
+
+def shard_engine(engine: Any, mesh: Mesh) -> Any:
+    """Run a serving engine (`jaxllm.engine.LLMEngine`, built on a model from `shard_model`
+    with pipeline == 1) on `mesh`: KV pages split by KV head over `tensor`, the step traced
+    with XLA's ops (the jnp paged attention) and its sampled tokens replicated."""
+    from jaxllm.attention import paged_uses_native_cpu, resolve_backend
+
+    if mesh_config(mesh).pipeline != 1:
+        raise JaxLLMError(
+            f"the serving engine runs on meshes without pipeline stages, not {mesh_config(mesh)}"
+        )
+    runner = engine.runner
+    page_sharding = jax.tree.map(lambda a: R.named(PAGE_AXES, mesh, a.shape), runner.pages)
+    runner.pages = jax.device_put(runner.pages, page_sharding)
+    with cpu_kernels.einsum_only():
+        runner.split = resolve_backend(_runner_attention(engine)) == "xla" and not (
+            paged_uses_native_cpu(engine.model_config.group_size, runner.page_size, jnp.float32)
+        )
+    impl, whole = runner._step_impl, NamedSharding(mesh, R.spec(()))
+
+    def step(state, pages, *rest):
+        with cpu_kernels.einsum_only():
+            pages, tokens = impl(state, pages, *rest)
+        return pages, jax.lax.with_sharding_constraint(tokens, whole)
+
+    runner._step = jax.jit(step, donate_argnums=(1,), out_shardings=(page_sharding, whole))
+    runner._copy = jax.jit(runner._copy_impl, donate_argnums=(0,), out_shardings=page_sharding)
+    return engine
+
+
+def _runner_attention(engine: Any) -> str:
+    return nnx.merge(engine.runner.graphdef, engine.runner.state).attention

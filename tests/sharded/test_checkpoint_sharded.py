@@ -27,7 +27,7 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize(
     "mesh",
     [
-        "tensor=8",
+        pytest.param("tensor=8", marks=pytest.mark.slow),
         "pipeline=4,tensor=2",
         pytest.param("data=2,tensor=4", marks=pytest.mark.slow),
         pytest.param("data=2,pipeline=2,tensor=2", marks=pytest.mark.slow),
@@ -42,6 +42,7 @@ def test_restore_onto_any_mesh_gives_identical_params(saved, mesh):
     assert not orbax_io.same_params(like, fresh)  # the restore really replaced the weights
 
 
+@pytest.mark.slow
 def test_restored_model_generates_like_the_original(saved):
     cfg, params, _, path = saved
     like = shard_model(cfg, random_params(cfg, seed=99), resolve_mesh("pipeline=2,tensor=2"))

@@ -12,7 +12,13 @@ from jaxllm.generate import Generator
 from jaxllm.model import Transformer, random_params
 from jaxllm.parallel import shard_generator
 
-MESHES = [(1, 1, 8), (2, 1, 4), (2, 2, 2), (1, 4, 2)]
+# The default run takes two meshes (all three axes between them); the sweep is `slow`.
+MESHES = [
+    pytest.param((1, 1, 8), marks=pytest.mark.slow),
+    (2, 1, 4),
+    (2, 2, 2),
+    pytest.param((1, 4, 2), marks=pytest.mark.slow),
+]
 IDS = [5, 17, 33, 2, 9, 100, 7, 250, 64]
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [200, 3]]
 
@@ -33,7 +39,7 @@ def tiny_mesh():
     return cfg, params, ref.logits(IDS), sp, tokens
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=mesh_text)
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: mesh_text(s))
 def test_sharded_logits_and_greedy_tokens_equal_single_device(tiny_mesh, shape):
     cfg, params, want_logits, sp, want_tokens = tiny_mesh
     gen = shard_generator(cfg, params, mesh_text(shape), max_batch=8)
