@@ -24,8 +24,9 @@ import numpy as np  # noqa: E402
 
 from jaxllm.config import ModelConfig  # noqa: E402
 from jaxllm.model import random_params  # noqa: E402
-from jaxllm.parallel import device_bytes, shard_generator  # noqa: E402
+from jaxllm.parallel import device_bytes  # noqa: E402
 from jaxllm.plan import param_bytes_per_device  # noqa: E402
+from jaxllm.sharded_run import shard_generator  # noqa: E402
 from sharding.mesh import MeshConfig  # noqa: E402
 from sharding.pipeline import bubble_fraction  # noqa: E402
 

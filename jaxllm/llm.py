@@ -89,7 +89,7 @@ class LLM:
         self.source = loaded.source
         self.mesh = None
         if mesh is not None:
-            from jaxllm.parallel import shard_generator
+            from jaxllm.sharded_run import shard_generator
 
             self.generator: Generator = shard_generator(
                 loaded.config, loaded.params, mesh, dtype=_DTYPES[dtype],
@@ -192,7 +192,7 @@ class LLM:
                 self.model, self._engine_config or EngineConfig(), eos_token_ids=self.eos_token_ids
             )
             if self.mesh is not None:
-                from jaxllm.parallel import shard_engine
+                from jaxllm.sharded_run import shard_engine
 
                 shard_engine(self._engine, self.mesh)
         return self._engine

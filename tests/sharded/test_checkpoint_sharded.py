@@ -11,7 +11,8 @@ from jaxllm.checkpoints import orbax_io
 from jaxllm.config import ModelConfig
 from jaxllm.generate import Generator
 from jaxllm.model import Transformer, random_params
-from jaxllm.parallel import ShardedGenerator, place, resolve_mesh, shard_model
+from jaxllm.parallel import place, resolve_mesh, shard_model
+from jaxllm.sharded_run import ShardedGenerator
 from sharding.rules import named
 
 

@@ -11,7 +11,8 @@ from jaxllm.config import ModelConfig
 from jaxllm.engine import EngineConfig, LLMEngine
 from jaxllm.generate import Generator
 from jaxllm.model import Transformer, random_params
-from jaxllm.parallel import resolve_mesh, shard_engine, shard_model
+from jaxllm.parallel import resolve_mesh, shard_model
+from jaxllm.sharded_run import shard_engine
 
 PROMPTS = [[5, 6, 7], list(range(1, 40)), [42], [200, 3, 9, 9]]
 

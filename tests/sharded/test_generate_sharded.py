@@ -10,7 +10,7 @@ from jaxllm import JaxLLMError, SamplingParams
 from jaxllm.config import ModelConfig
 from jaxllm.generate import Generator
 from jaxllm.model import Transformer, random_params
-from jaxllm.parallel import shard_generator
+from jaxllm.sharded_run import shard_generator
 
 # The default run takes two meshes (all three axes between them); the sweep is `slow`.
 MESHES = [

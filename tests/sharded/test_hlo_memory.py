@@ -11,7 +11,8 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.model import Transformer, random_params
-from jaxllm.parallel import device_bytes, replicate_kv_heads, shard_generator
+from jaxllm.parallel import device_bytes, replicate_kv_heads
+from jaxllm.sharded_run import shard_generator
 
 
 @pytest.fixture(scope="module")

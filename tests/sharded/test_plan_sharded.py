@@ -7,8 +7,9 @@ import pytest
 
 from jaxllm.config import ModelConfig
 from jaxllm.model import random_params
-from jaxllm.parallel import device_bytes, shard_generator
+from jaxllm.parallel import device_bytes
 from jaxllm.plan import kv_bytes_per_device, param_bytes_per_device
+from jaxllm.sharded_run import shard_generator
 from sharding.mesh import MeshConfig
 
 CASES = [("tiny-mesh", s) for s in [(1, 1, 8), (2, 1, 4), (2, 2, 2), (1, 4, 2)]]
