@@ -158,3 +158,26 @@ def test_plan_cli_json():
     want = plan("llama-3.1-70b", "data=2,tensor=8", "tpu-v5p", batch=16)
     assert out["param_bytes_per_device"] == want.param_bytes_per_device
     assert out["hardware"] == "tpu-v5p" and out["mesh"] == "data=2,pipeline=1,tensor=8"
+
+
+def test_einsum_only_keeps_the_native_kernel_out_of_traced_programs():
+    """Oracle: the einsum. Sharded programs trace under einsum_only (the FFI kernel has no
+    sharding rule)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm import cpu_kernels
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((32, 64)), jnp.float32)
+    with cpu_kernels.einsum_only():
+        assert not cpu_kernels.available()
+        traced = str(jax.make_jaxpr(cpu_kernels.linear)(x, w))
+        got = jax.jit(cpu_kernels.linear)(x, w)
+    assert "ffi" not in traced
+    np.testing.assert_allclose(got, cpu_kernels.einsum_linear(x, w), rtol=1e-6)
+    # Outside the switch the kernel is used again (another shape: traces are cached by
+    # function and shapes, not by the switch, which is why each sharded program has its own
+    # jitted function).
+    if cpu_kernels.available():
+        assert "ffi" in str(jax.make_jaxpr(cpu_kernels.linear)(x[:1], w))
