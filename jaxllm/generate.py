@@ -73,17 +73,30 @@ class Generator:
         self.graphdef, self.state = nnx.split(model)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
         self.max_batch = max_batch
+        self.batch_multiple = 1  # batches are padded to a multiple of this (the data axis)
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(4,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
         self._forward = jax.jit(self._forward_impl)
         self.last_timings = BatchTimings()
 
     # ------------------------------------------------------------------ programs
+    # Hooks a sharded generator overrides (jaxllm/parallel.py): the model from its state,
+    # a fresh cache, and the cache's slot count.
+    def _model(self, state):
+        return nnx.merge(self.graphdef, state)
+
+    def _new_cache(self, batch: int, length: int):
+        return init_cache(self.config, batch, length, self.cache_dtype)
+
+    @staticmethod
+    def _cache_slots(cache) -> int:
+        return cache[0][0].shape[2]
+
     def _prefill_impl(self, state, tokens, starts, sp: SamplingArrays, cache_len: int):
         """tokens [B, T] left-padded, starts [B] -> (cache, first tokens [B])."""
-        model = nnx.merge(self.graphdef, state)
+        model = self._model(state)
         b, t = tokens.shape
-        cache = init_cache(self.config, b, cache_len, self.cache_dtype)
+        cache = self._new_cache(b, cache_len)
         slots = jnp.arange(t)
         positions = jnp.maximum(slots[None, :] - starts[:, None], 0)
         kv = jnp.arange(cache_len)[None, None, :]
@@ -97,9 +110,9 @@ class Generator:
         first [B] (token at slot prompt_len), max_new [B], stop_ids [B, MAX_STOP_IDS] (-1 pad).
         Returns (cache, tokens [B, S] (row b's first n_b are its output), n [B], steps).
         """
-        model = nnx.merge(self.graphdef, state)
+        model = self._model(state)
         b = first.shape[0]
-        s = cache[0][0].shape[2]
+        s = self._cache_slots(cache)
         kv = jnp.arange(s)[None, None, :]
 
         def is_stop(tok):
@@ -132,7 +145,7 @@ class Generator:
 
     def _forward_impl(self, state, tokens):
         """Full-sequence logits [B, T, V] with a causal mask and no cache."""
-        model = nnx.merge(self.graphdef, state)
+        model = self._model(state)
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
@@ -185,7 +198,7 @@ class Generator:
 
     def _generate_batch(self, prompts, params, eos_token_ids, on_first_tokens, totals):
         n_real = len(prompts)
-        b = bucket(n_real, minimum=1)
+        b = -(-bucket(n_real, minimum=1) // self.batch_multiple) * self.batch_multiple
         lens = [len(p) for p in prompts]
         t = bucket(max(lens))
         max_new = max(p.max_tokens for p in params)

@@ -75,6 +75,11 @@ class LLM:
       engine: run `generate`/`chat`/`stream` on the serving engine (paged KV cache,
         continuous batching; the default) or, with False, on the static batched generator.
       engine_config: the engine's KV pool and step limits (`jaxllm.engine.EngineConfig`).
+      mesh: run sharded over a device mesh: `"data=2,pipeline=1,tensor=4"`, a configs/mesh
+        name, a `sharding.mesh.MeshConfig` or a `jax.sharding.Mesh` (see jaxllm/parallel.py).
+        On a mesh, generation uses the static generator unless engine=True (meshes
+        without pipeline stages: KV pages split by KV head over `tensor`).
+      microbatches: pipeline microbatches per batch (default: one per stage).
     """
 
     def __init__(
@@ -86,8 +91,10 @@ class LLM:
         max_batch: int = 64,
         compilation_cache: bool = True,
         log: Any = print,
-        engine: bool = True,
+        engine: bool | None = None,
         engine_config: Any = None,
+        mesh: Any = None,
+        microbatches: int = 0,
     ):
         if dtype not in _DTYPES:
             raise JaxLLMError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
@@ -97,16 +104,31 @@ class LLM:
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
-        self.model = Transformer(
-            loaded.config,
-            loaded.params,
-            dtype=_DTYPES[dtype],
-            attention=resolve_backend(attention),
-            rope_factors=loaded.rope_factors,
-        )
+        self.mesh = None
+        if mesh is not None:
+            from jaxllm.sharded_run import shard_generator
+
+            self.generator: Generator = shard_generator(
+                loaded.config, loaded.params, mesh, dtype=_DTYPES[dtype],
+                attention=resolve_backend(attention), rope_factors=loaded.rope_factors,
+                max_batch=max_batch, microbatches=microbatches,
+            )  # fmt: skip
+            self.mesh = self.generator.mesh
+            self.model = self.generator.sharded.model
+            if engine and self.generator.sharded.pipelined:
+                raise JaxLLMError("engine=True: the serving engine runs on meshes with pipeline=1")
+            engine = bool(engine)
+        else:
+            self.model = Transformer(
+                loaded.config,
+                loaded.params,
+                dtype=_DTYPES[dtype],
+                attention=resolve_backend(attention),
+                rope_factors=loaded.rope_factors,
+            )
+            self.generator = Generator(self.model, max_batch=max_batch)
         del loaded
-        self.generator = Generator(self.model, max_batch=max_batch)
-        self.use_engine = engine
+        self.use_engine = engine is None or engine
         self._engine_config = engine_config
         self._engine: Any = None
         self._log = log
@@ -218,6 +240,10 @@ class LLM:
                 eos_token_ids=self.eos_token_ids,
                 detokenize=self.decode if self.tokenizer is not None else None,
             )
+            if self.mesh is not None:
+                from jaxllm.sharded_run import shard_engine
+
+                shard_engine(self._engine, self.mesh)
         return self._engine
 
     def _run_engine(self, ids, params, on_first_tokens) -> list[Any]:

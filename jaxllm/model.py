@@ -223,24 +223,38 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, p: dict[str, np.ndarray], *, dtype: Any):
+    """SwiGLU. `shards` > 1 lays the fused gate/up rows out as [shards, 2, M / shards], so a
+    tensor-parallel split of the rows into `shards` chunks gives each shard the gate and up
+    rows of the same M / shards channels (see jaxllm/parallel.py)."""
+
+    def __init__(self, p: dict[str, np.ndarray], *, dtype: Any, shards: int = 1):
         self.width = p["w_gate"].shape[1]
-        gate_up = np.concatenate([p["w_gate"], p["w_up"]], axis=1)
+        self.shards = shards
+        e, m = p["w_gate"].shape[0], self.width // shards
+        gate_up = np.concatenate(
+            [p["w_gate"].reshape(e, shards, 1, m), p["w_up"].reshape(e, shards, 1, m)], axis=2
+        ).reshape(e, 2 * self.width)
         self.gate_up = Linear(gate_up, dtype=dtype)
         self.down = Linear(p["w_down"], dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.gate_up(x)
-        return self.down(jax.nn.silu(h[..., : self.width]) * h[..., self.width :])
+        if self.shards == 1:
+            return self.down(jax.nn.silu(h[..., : self.width]) * h[..., self.width :])
+        h = h.reshape(*h.shape[:-1], self.shards, 2, self.width // self.shards)
+        gate, up = (h[..., i, :].reshape(*h.shape[:-3], self.width) for i in (0, 1))
+        return self.down(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, p: dict[str, np.ndarray], *, dtype: Any):
+    def __init__(
+        self, cfg: ModelConfig, p: dict[str, np.ndarray], *, dtype: Any, mlp_shards: int = 1
+    ):
         eps = cfg.rms_norm_eps
         self.attn_norm = RMSNorm(p["attn_norm"], eps=eps, dtype=dtype)
         self.attn = Attention(cfg, p, dtype=dtype)
         self.mlp_norm = RMSNorm(p["mlp_norm"], eps=eps, dtype=dtype)
-        self.mlp = MLP(p, dtype=dtype)
+        self.mlp = MLP(p, dtype=dtype, shards=mlp_shards)
 
     def paged(self, x, positions, inv_freq, pages, meta, paged_attention_fn):
         h, pages = self.attn.paged(
@@ -270,13 +284,17 @@ class Transformer(nnx.Module):
         dtype: Any = jnp.float32,
         attention: str = "xla",
         rope_factors: np.ndarray | None = None,
+        mlp_shards: int = 1,
     ):
+        """mlp_shards: the tensor-axis size the MLP's gate/up rows are laid out for."""
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.attention = attention
         tied = "lm_head" not in params
         self.embed = Embedding(params["embed"], dtype=dtype)
-        self.layers = nnx.List([Block(cfg, p, dtype=dtype) for p in params["layers"]])
+        self.layers = nnx.List(
+            [Block(cfg, p, dtype=dtype, mlp_shards=mlp_shards) for p in params["layers"]]
+        )
         self.final_norm = RMSNorm(params["final_norm"], eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if tied else Linear(params["lm_head"], dtype=dtype)
         self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg, rope_factors)))

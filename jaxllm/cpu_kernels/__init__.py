@@ -10,10 +10,15 @@ The kernel is compiled on first use with the system C++ compiler into the jaxllm
 keyed by source, flags and CPU. Without a compiler, or with JAXLLM_CPU_KERNELS=0, the einsum
 is used everywhere. Gradients are the einsum's (custom VJP), so training code may call
 `linear` as well.
+
+Programs sharded over several devices trace under `einsum_only()`: the kernel has no
+sharding rule, so XLA would gather whole weights onto every device to call it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import os
@@ -36,6 +41,17 @@ _ATTENTION_TARGET = "jaxllm_paged_attention"
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w", "-pthread"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+_einsum_only = contextvars.ContextVar("jaxllm_einsum_only", default=False)
+
+
+@contextlib.contextmanager
+def einsum_only():
+    """While active (at trace time), `linear` and the paged attention choose XLA's ops."""
+    token = _einsum_only.set(True)
+    try:
+        yield
+    finally:
+        _einsum_only.reset(token)
 
 
 def _cpu_signature() -> str:
@@ -80,7 +96,10 @@ def _build() -> Path | None:
 
 
 def available() -> bool:
-    """True when the kernel is built, loaded and registered (builds it on the first call)."""
+    """True when the kernel is built, loaded and registered (builds it on the first call),
+    and not switched off by `einsum_only()`."""
+    if _einsum_only.get():
+        return False
     with _lock:
         if "ok" not in _state:
             _state["ok"] = False

@@ -1,0 +1,235 @@
+"""The static generator and the serving engine run on a mesh, over a model placed by
+`jaxllm.parallel.shard_model`.
+
+- Without pipeline stages, the model's call is the Transformer's, with its inputs, KV cache
+  and logits pinned to their shardings (`sharding.rules`); jit partitions the layers from
+  the weights' placement (Megatron: two all-reduces per layer).
+- With stages, embedding and head run as usual and the layers as GPipe stages
+  (`sharding.pipeline.gpipe`); the KV cache is stacked [stages, layers/stage, B, K, S, D].
+- Every program traces under `cpu_kernels.einsum_only()`, and sampled tokens come back
+  replicated, so every process of a multi-host job can read them.
+
+Axes as in jaxllm/model.py: batch B, positions T, cache slots S, KV heads K, head_dim D.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxllm import cpu_kernels
+from jaxllm.config import ModelConfig
+from jaxllm.errors import JaxLLMError
+from jaxllm.generate import Generator
+from jaxllm.model import Transformer, init_cache
+from jaxllm.parallel import (
+    CACHE_AXES,
+    STAGED_CACHE_AXES,
+    MeshLike,
+    ShardedModel,
+    mesh_config,
+    resolve_mesh,
+    shard_model,
+)
+from sharding import rules as R
+from sharding.pipeline import gpipe, pick_microbatches
+
+
+def _constrain(x: jax.Array, names: Sequence[str | None], mesh: Mesh) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, R.named(names, mesh, x.shape))
+
+
+class _ConstrainedModel:
+    """The Transformer call with its inputs, cache and logits pinned to their shardings."""
+
+    def __init__(self, model: Transformer, mesh: Mesh):
+        self.model, self.mesh = model, mesh
+
+    def __call__(self, tokens, positions, mask, cache=None, cache_index=None, last_only=False):
+        m = self.mesh
+        tokens = _constrain(tokens, (R.BATCH, R.LENGTH), m)
+        positions = _constrain(positions, (R.BATCH, R.LENGTH), m)
+        if mask is not None:
+            mask = _constrain(mask, (R.BATCH, R.LENGTH, R.CACHE_LEN), m)
+        if cache is not None:
+            cache = jax.tree.map(lambda a: _constrain(a, CACHE_AXES, m), cache)
+        logits, cache = self.model(tokens, positions, mask, cache, cache_index, last_only)
+        cache = jax.tree.map(lambda a: _constrain(a, CACHE_AXES, m), cache)
+        return _constrain(logits, (R.BATCH, R.LENGTH, R.VOCAB), m), cache
+
+
+class _PipelinedModel:
+    """The Transformer call with the layers run as GPipe stages."""
+
+    def __init__(self, outer: Transformer, block_def, stages, mesh: Mesh, microbatches: int):
+        self.outer, self.block_def, self.stages = outer, block_def, stages
+        self.mesh, self.microbatches = mesh, microbatches
+
+    def _stage(self, attention_fn: Callable[..., jax.Array]):
+        block_def = self.block_def
+
+        def run(layers, x, rows, cache, shared):
+            positions, mask = rows
+            inv_freq, cache_index = shared
+
+            def layer(x, xs):
+                p, kv = xs
+                block = nnx.merge(block_def, p)
+                x, kv = block(x, positions, inv_freq, mask, kv, cache_index, attention_fn)
+                return x, kv
+
+            if cache is None:
+                x, _ = jax.lax.scan(lambda x, p: (layer(x, (p, None))[0], None), x, layers)
+                return x, None
+            return jax.lax.scan(layer, x, (layers, cache))
+
+        return run
+
+    def __call__(self, tokens, positions, mask, cache=None, cache_index=None, last_only=False):
+        from jaxllm.attention import get_attention_fn
+
+        m, outer = self.mesh, self.outer
+        tokens = _constrain(tokens, (R.BATCH, R.LENGTH), m)
+        x = outer.embed(tokens)
+        if mask is None:
+            t = tokens.shape[1]
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (tokens.shape[0], t, t))
+        if cache is not None:
+            cache = jax.tree.map(lambda a: _constrain(a, STAGED_CACHE_AXES, m), cache)
+        micro = pick_microbatches(tokens.shape[0], dict(m.shape)["data"], self.microbatches)
+        index = jnp.int32(0) if cache_index is None else jnp.asarray(cache_index, jnp.int32)
+        x, cache = gpipe(
+            self._stage(get_attention_fn(outer.attention)),
+            self.stages, x, (positions, mask), cache, (outer.inv_freq[...], index),
+            mesh=m, microbatches=micro,
+        )  # fmt: skip
+        if last_only:
+            x = x[:, -1:]
+        x = outer.final_norm(x)
+        if outer.lm_head is None:
+            logits = outer.embed.attend(x)
+        else:
+            logits = outer.lm_head(x).astype(jnp.float32)
+        return _constrain(logits, (R.BATCH, R.LENGTH, R.VOCAB), m), cache
+
+
+class ShardedGenerator(Generator):
+    """The static generator over a mesh: the same programs, traced with sharded weights,
+    batches padded to a multiple of `data`, and XLA's dots instead of the native CPU kernel."""
+
+    def __init__(self, sharded: ShardedModel, *, max_batch: int = 64, microbatches: int = 0):
+        self.mesh = sharded.mesh
+        self.sharded = sharded
+        data = mesh_config(sharded.mesh).data
+        if max_batch % data:
+            raise JaxLLMError(f"max_batch={max_batch} is not a multiple of data={data}")
+        super().__init__(sharded.model, max_batch=max_batch)
+        self.config = sharded.config
+        self.batch_multiple = data
+        if sharded.pipelined:
+            self.microbatches = microbatches or mesh_config(sharded.mesh).pipeline
+            self.state = {"outer": self.state, "stages": sharded.stages}
+
+    def _model(self, state):
+        if self.sharded.pipelined:
+            outer = nnx.merge(self.graphdef, state["outer"])
+            return _PipelinedModel(
+                outer, self.sharded.block_def, state["stages"], self.mesh, self.microbatches
+            )
+        return _ConstrainedModel(super()._model(state), self.mesh)
+
+    def _new_cache(self, batch: int, length: int):
+        if not self.sharded.pipelined:
+            cache = init_cache(self.config, batch, length, self.cache_dtype)
+            return jax.tree.map(lambda a: _constrain(a, CACHE_AXES, self.mesh), cache)
+        mc = mesh_config(self.mesh)
+        shape = (
+            mc.pipeline, self.config.num_layers // mc.pipeline,
+            batch, self.config.num_kv_heads, length, self.config.head_dim,
+        )  # fmt: skip
+        zeros = jnp.zeros(shape, self.cache_dtype)
+        return tuple(_constrain(zeros, STAGED_CACHE_AXES, self.mesh) for _ in range(2))
+
+    def _cache_slots(self, cache) -> int:
+        return cache[0].shape[4] if self.sharded.pipelined else cache[0][0].shape[2]
+
+    # Tokens come back replicated: every process of a multi-host job can read them.
+    def _whole(self, x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, R.spec(())))
+
+    def _prefill_impl(self, *args):
+        with cpu_kernels.einsum_only():
+            cache, first = super()._prefill_impl(*args)
+        return cache, self._whole(first)
+
+    def _decode_impl(self, *args):
+        with cpu_kernels.einsum_only():
+            cache, out, n, steps = super()._decode_impl(*args)
+        return cache, self._whole(out), self._whole(n), steps
+
+    def _forward_impl(self, *args):
+        with cpu_kernels.einsum_only():
+            logits = super()._forward_impl(*args)
+        return self._whole(logits) if jax.process_count() > 1 else logits
+
+
+def shard_generator(
+    cfg: ModelConfig,
+    params: dict[str, Any],
+    mesh: MeshLike,
+    *,
+    dtype: Any = jnp.float32,
+    attention: str = "xla",
+    rope_factors: np.ndarray | None = None,
+    max_batch: int = 64,
+    microbatches: int = 0,
+) -> ShardedGenerator:
+    """Mesh, sharded weights and generator in one call (what `LLM(..., mesh=)` uses)."""
+    mesh = resolve_mesh(mesh)
+    sharded = shard_model(
+        cfg, params, mesh, dtype=dtype, attention=attention, rope_factors=rope_factors,
+        batch=max_batch,
+    )  # fmt: skip
+    return ShardedGenerator(sharded, max_batch=max_batch, microbatches=microbatches)
+
+
+PAGE_AXES = (R.KV_HEADS, R.PAGES, None, R.HEAD_DIM)  # [K, pages, page_size, D]
+
+
+def shard_engine(engine: Any, mesh: Mesh) -> Any:
+    """Run a serving engine (`jaxllm.engine.LLMEngine`, built on a model from `shard_model`
+    with pipeline == 1) on `mesh`: KV pages split by KV head over `tensor`, the step traced
+    with XLA's ops (the jnp paged attention) and its sampled tokens replicated."""
+    from jaxllm.attention import paged_uses_native_cpu, resolve_backend
+
+    if mesh_config(mesh).pipeline != 1:
+        raise JaxLLMError(
+            f"the serving engine runs on meshes without pipeline stages, not {mesh_config(mesh)}"
+        )
+    runner = engine.runner
+    page_sharding = jax.tree.map(lambda a: R.named(PAGE_AXES, mesh, a.shape), runner.pages)
+    runner.pages = jax.device_put(runner.pages, page_sharding)
+    with cpu_kernels.einsum_only():
+        runner.split = resolve_backend(_runner_attention(engine)) == "xla" and not (
+            paged_uses_native_cpu(engine.model_config.group_size, runner.page_size, jnp.float32)
+        )
+    impl, whole = runner._step_impl, NamedSharding(mesh, R.spec(()))
+
+    def step(state, pages, *rest):
+        with cpu_kernels.einsum_only():
+            pages, tokens = impl(state, pages, *rest)
+        return pages, jax.lax.with_sharding_constraint(tokens, whole)
+
+    runner._step = jax.jit(step, donate_argnums=(1,), out_shardings=(page_sharding, whole))
+    runner._copy = jax.jit(runner._copy_impl, donate_argnums=(0,), out_shardings=page_sharding)
+    return engine
+
+
+def _runner_attention(engine: Any) -> str:
+    return nnx.merge(engine.runner.graphdef, engine.runner.state).attention
