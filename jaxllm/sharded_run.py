@@ -221,12 +221,17 @@ def shard_engine(engine: Any, mesh: Mesh) -> Any:
         )
     impl, whole = runner._step_impl, NamedSharding(mesh, R.spec(()))
 
-    def step(state, pages, *rest):
+    def step(state, pages, *rest, **static):
         with cpu_kernels.einsum_only():
-            pages, tokens = impl(state, pages, *rest)
-        return pages, jax.lax.with_sharding_constraint(tokens, whole)
+            pages, sampled = impl(state, pages, *rest, **static)
+        return pages, jax.lax.with_sharding_constraint(sampled, whole)
 
-    runner._step = jax.jit(step, donate_argnums=(1,), out_shardings=(page_sharding, whole))
+    runner._step = jax.jit(
+        step,
+        donate_argnums=(1,),
+        static_argnames=("logprobs_k", "prompt_k", "penalties"),
+        out_shardings=(page_sharding, whole),
+    )
     runner._copy = jax.jit(runner._copy_impl, donate_argnums=(0,), out_shardings=page_sharding)
     return engine
 
