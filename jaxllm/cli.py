@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--attention", default="auto")
+    g.add_argument("--quant", default=None, help="quantization recipe, e.g. int8, int4-g128")
     g.add_argument("--json", action="store_true", help="print token ids and timings as JSON")
     return p
 
@@ -45,7 +46,9 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    llm = LLM(args.model, dtype=args.dtype, attention=args.attention, log=log)
+    llm = LLM(
+        args.model, dtype=args.dtype, attention=args.attention, log=log, quantization=args.quant
+    )
     tok = llm._require_tokenizer()
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []

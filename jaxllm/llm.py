@@ -58,6 +58,8 @@ class LLM:
       engine: run `generate`/`chat`/`stream` on the serving engine (paged KV cache,
         continuous batching; the default) or, with False, on the static batched generator.
       engine_config: the engine's KV pool and step limits (`jaxllm.engine.EngineConfig`).
+      quantization: a recipe from configs/quant (`int8`, `int4-g128`, `w8a8`, `kv-int8`,
+        joined with `+`) or a `jaxllm.quant.QuantConfig`, applied before anything is jitted.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class LLM:
         log: Any = print,
         engine: bool = True,
         engine_config: Any = None,
+        quantization: Any = None,
     ):
         if dtype not in _DTYPES:
             raise JaxLLMError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
@@ -88,6 +91,10 @@ class LLM:
             rope_factors=loaded.rope_factors,
         )
         del loaded
+        if quantization is not None:
+            from jaxllm.quant.apply import quantize_for_llm
+
+            quantize_for_llm(self.model, quantization, self.tokenizer, log=log)
         self.generator = Generator(self.model, max_batch=max_batch)
         self.use_engine = engine
         self._engine_config = engine_config

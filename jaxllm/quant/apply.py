@@ -1,0 +1,84 @@
+"""The quantization pass: rewrites a built `Transformer` in place, before anything is jitted.
+
+Each `Linear` becomes a `QuantizedLinear` and the embedding a `QuantizedEmbedding`; the float
+weights are dropped, so `nnx.split(model)` (what the generator and engine jit over) holds the
+integer codes and scales only. A KV recipe sets `model.kv_cache_dtype`, which the generator
+and engine use for their caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.model import Embedding, Linear, Transformer
+from jaxllm.quant.config import QuantConfig, load_recipe
+from jaxllm.quant.layers import QuantizedEmbedding, QuantizedLinear
+from jaxllm.quant.qtensor import QuantizedWeight, quantize
+
+# (name, float weight [out, in], bits, group) -> quantized weight; round-to-nearest by default.
+Quantizer = Callable[[str, jax.Array, int, int | None], QuantizedWeight]
+
+
+def rtn_quantizer(name: str, w: jax.Array, bits: int, group: int | None) -> QuantizedWeight:
+    return quantize(w, bits, group, name=name)
+
+
+def linear_slots(model: Transformer) -> Iterator[tuple[str, object, str]]:
+    """(name, parent module, attribute) of every linear layer, in the order data meets them."""
+    for i, layer in enumerate(model.layers):
+        for parent, attr, short in (
+            (layer.attn, "qkv", "attn.qkv"),
+            (layer.attn, "o", "attn.o"),
+            (layer.mlp, "gate_up", "mlp.gate_up"),
+            (layer.mlp, "down", "mlp.down"),
+        ):
+            yield f"layers.{i}.{short}", parent, attr
+    if model.lm_head is not None:
+        yield "lm_head", model, "lm_head"
+
+
+def quantize_model(
+    model: Transformer,
+    recipe: str | QuantConfig,
+    quantizer: Quantizer | None = None,
+) -> Transformer:
+    """Apply `recipe` to `model` (in place; also returned).
+
+    `quantizer` replaces round-to-nearest for the linear layers (GPTQ passes its own).
+    """
+    cfg = load_recipe(recipe)
+    quantizer = quantizer or rtn_quantizer
+    if cfg.weight_bits is not None:
+        for name, parent, attr in linear_slots(model):
+            lin = getattr(parent, attr)
+            if not isinstance(lin, Linear):
+                continue  # already quantized
+            qw = quantizer(name, lin.weight[...], cfg.weight_bits, cfg.group_size)
+            bias = lin.bias[...] if lin.bias is not None else None
+            setattr(parent, attr, QuantizedLinear(qw, bias, cfg.activation_bits))
+    if cfg.embed_bits is not None and isinstance(model.embed, Embedding):
+        group = cfg.group_size if cfg.embed_bits == 4 else None
+        qw = rtn_quantizer("embed", model.embed.table[...], cfg.embed_bits, group)
+        # A tied head multiplies with the embedding: it takes the activation recipe too.
+        act = cfg.activation_bits if model.lm_head is None and group is None else None
+        model.embed = QuantizedEmbedding(qw, model.dtype, act)
+    if cfg.kv_bits == 8:
+        model.kv_cache_dtype = jnp.int8
+    model.quant_config = cfg
+    return model
+
+
+def quantize_for_llm(
+    model: Transformer, recipe: str | QuantConfig, tokenizer, log=print
+) -> Transformer:
+    """`LLM(quantization=...)`: the pass, with GPTQ's calibration when the recipe asks."""
+    cfg = load_recipe(recipe)
+    quantizer = None
+    if cfg.method == "gptq" and cfg.weight_bits is not None:
+        from jaxllm.quant.gptq import default_calibration, gptq_quantizer
+
+        quantizer = gptq_quantizer(model, default_calibration(tokenizer, model.config), log=log)
+    return quantize_model(model, cfg, quantizer)

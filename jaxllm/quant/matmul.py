@@ -1,0 +1,46 @@
+"""The quantized product the model's layers call: y = x @ W^T for a `QuantizedWeight` W [O, I].
+
+Weight-only: the weight is dequantized inside the jitted step (the float copy is a temporary
+of the program, never an input) and the product is the model's own `linear`, so few-row
+float32 products still reach the native CPU kernel.
+
+w8a8: x is quantized per token (row) to int8 on the fly, multiplied with the int8 codes
+accumulating in int32 (`preferred_element_type`: an int8 result would overflow), and the
+result is scaled by the row scale times the channel scale.
+
+Axes: leading batch axes ..., in I, out O.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.cpu_kernels import linear
+from jaxllm.quant.qtensor import QuantizedWeight, dequantize
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Dynamic per-row int8: x [..., I] -> (codes int8 [..., I], scale float32 [..., 1])."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def int8_matmul(xq: jax.Array, wq: jax.Array) -> jax.Array:
+    """int8 [..., I] x int8 [O, I] -> int32 [..., O]."""
+    dims = (((xq.ndim - 1,), (1,)), ((), ()))
+    return jax.lax.dot_general(xq, wq, dims, preferred_element_type=jnp.int32)
+
+
+def qlinear(x: jax.Array, w: QuantizedWeight, activation_bits: int | None = None) -> jax.Array:
+    """x [..., I] @ W^T -> [..., O] in x's dtype."""
+    if activation_bits == 8:
+        if w.bits != 8 or w.group != w.shape[1]:
+            raise ValueError("w8a8 needs per-channel int8 weights")
+        xq, xs = quantize_rows(x)
+        acc = int8_matmul(xq, w.values).astype(jnp.float32)
+        return (acc * xs * w.scale[:, 0].astype(jnp.float32)).astype(x.dtype)
+    return linear(x, dequantize(w, x.dtype))
