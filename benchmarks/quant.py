@@ -12,7 +12,7 @@ second run (the first compiles).
 
 The default model's GGUF is Q4_1: its "float32" weights are dequantized 4-bit values, so the
 float32 row is already a 4-bit model's quality, and re-quantizing those weights is what every
-other row measures.
+other row measures; the `gguf` row runs the file's own Q4_1/Q8_0 blocks natively.
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ from jaxllm.generate import Generator
 from jaxllm.model import Embedding, Linear, init_cache
 from jaxllm.quant.apply import linear_slots, quantize_model
 from jaxllm.quant.config import load_recipe
+from jaxllm.quant.gguf_native import native_weights
 from jaxllm.quant.gptq import CALIBRATION_TEXT, calibration_windows, gptq_quantizer
 from jaxllm.quant.kv import kv_bytes_per_element
 from jaxllm.quant.layers import QuantizedEmbedding, QuantizedLinear
 
 DEFAULT_RECIPES = (
-    "float32,int8,w8a8,kv-int8,int4-g128,int4-g32,int4-g32+gptq,int4-g128+gptq,int4-g128+kv-int8"
+    "float32,gguf,int8,w8a8,kv-int8,int4-g128,int4-g32,int4-g32+gptq,int4-g128+gptq,"
+    "int4-g128+kv-int8"
 )
 
 
@@ -126,12 +128,14 @@ def main(argv=None) -> int:
             model, qc = float_model, None
         else:
             qc = load_recipe(recipe)
-            quantizer = None
+            quantizer, native = None, None
+            if qc.method == "gguf":
+                native = native_weights(llm.source, cfg)
             if qc.method == "gptq":
                 if hessian_quantizer is None:
                     hessian_quantizer = gptq_quantizer(float_model, calib, log=print)
                 quantizer = hessian_quantizer
-            model = quantize_model(nnx.clone(float_model), qc, quantizer)
+            model = quantize_model(nnx.clone(float_model), qc, quantizer, native)
         quant_s = time.perf_counter() - t0
         kv_dtype = jnp.int8 if qc is not None and qc.kv_bits == 8 else jnp.float32
         ppl = perplexity(model, windows, kv_dtype)

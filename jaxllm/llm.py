@@ -94,7 +94,7 @@ class LLM:
         if quantization is not None:
             from jaxllm.quant.apply import quantize_for_llm
 
-            quantize_for_llm(self.model, quantization, self.tokenizer, log=log)
+            quantize_for_llm(self.model, quantization, self.tokenizer, self.source, log=log)
         self.generator = Generator(self.model, max_batch=max_batch)
         self.use_engine = engine
         self._engine_config = engine_config

@@ -189,6 +189,8 @@ def test_llm_applies_a_recipe_and_rejects_a_bad_one():
     assert len(out.token_ids) == 4
     with pytest.raises(JaxLLMError, match="unknown quantization recipe 'fp3'"):
         LLM("tiny", log=lambda *a: None, quantization="fp3")
+    with pytest.raises(JaxLLMError, match="recipe 'gguf' needs a GGUF model"):
+        LLM("tiny", log=lambda *a: None, quantization="gguf")
 
 
 @pytest.mark.slow

@@ -8,11 +8,12 @@ and engine use for their caches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from jaxllm.errors import JaxLLMError
 from jaxllm.model import Embedding, Linear, Transformer
 from jaxllm.quant.config import QuantConfig, load_recipe
 from jaxllm.quant.layers import QuantizedEmbedding, QuantizedLinear
@@ -44,27 +45,39 @@ def quantize_model(
     model: Transformer,
     recipe: str | QuantConfig,
     quantizer: Quantizer | None = None,
+    native: Mapping[str, QuantizedWeight] | None = None,
 ) -> Transformer:
     """Apply `recipe` to `model` (in place; also returned).
 
     `quantizer` replaces round-to-nearest for the linear layers (GPTQ passes its own).
+    `native`: for the `gguf` method, the file's own blocks by layer name
+    (`jaxllm.quant.gguf_native.native_weights`); layers without one stay float.
     """
     cfg = load_recipe(recipe)
+    if cfg.method == "gguf" and native is None:
+        raise JaxLLMError(f"recipe {cfg.name!r} needs the GGUF file's blocks (native=...)")
     quantizer = quantizer or rtn_quantizer
-    if cfg.weight_bits is not None:
-        for name, parent, attr in linear_slots(model):
-            lin = getattr(parent, attr)
-            if not isinstance(lin, Linear):
-                continue  # already quantized
+    for name, parent, attr in linear_slots(model):
+        lin = getattr(parent, attr)
+        if not isinstance(lin, Linear):
+            continue  # already quantized
+        if cfg.method == "gguf" and name in native:
+            qw = native[name]
+        elif cfg.weight_bits is not None and cfg.method != "gguf":
             qw = quantizer(name, lin.weight[...], cfg.weight_bits, cfg.group_size)
-            bias = lin.bias[...] if lin.bias is not None else None
-            setattr(parent, attr, QuantizedLinear(qw, bias, cfg.activation_bits))
-    if cfg.embed_bits is not None and isinstance(model.embed, Embedding):
-        group = cfg.group_size if cfg.embed_bits == 4 else None
-        qw = rtn_quantizer("embed", model.embed.table[...], cfg.embed_bits, group)
-        # A tied head multiplies with the embedding: it takes the activation recipe too.
-        act = cfg.activation_bits if model.lm_head is None and group is None else None
-        model.embed = QuantizedEmbedding(qw, model.dtype, act)
+        else:
+            continue
+        bias = lin.bias[...] if lin.bias is not None else None
+        setattr(parent, attr, QuantizedLinear(qw, bias, cfg.activation_bits))
+    if isinstance(model.embed, Embedding):
+        if cfg.method == "gguf" and "embed" in native:
+            model.embed = QuantizedEmbedding(native["embed"], model.dtype)
+        elif cfg.embed_bits is not None:
+            group = cfg.group_size if cfg.embed_bits == 4 else None
+            qw = rtn_quantizer("embed", model.embed.table[...], cfg.embed_bits, group)
+            # A tied head multiplies with the embedding: it takes the activation recipe too.
+            act = cfg.activation_bits if model.lm_head is None and group is None else None
+            model.embed = QuantizedEmbedding(qw, model.dtype, act)
     if cfg.kv_bits == 8:
         model.kv_cache_dtype = jnp.int8
     model.quant_config = cfg
@@ -72,13 +85,20 @@ def quantize_model(
 
 
 def quantize_for_llm(
-    model: Transformer, recipe: str | QuantConfig, tokenizer, log=print
+    model: Transformer, recipe: str | QuantConfig, tokenizer, source: str = "", log=print
 ) -> Transformer:
-    """`LLM(quantization=...)`: the pass, with GPTQ's calibration when the recipe asks."""
+    """`LLM(quantization=...)`: the pass, with GPTQ's calibration or the GGUF file's own blocks
+    when the recipe asks."""
     cfg = load_recipe(recipe)
-    quantizer = None
+    quantizer, native = None, None
     if cfg.method == "gptq" and cfg.weight_bits is not None:
         from jaxllm.quant.gptq import default_calibration, gptq_quantizer
 
         quantizer = gptq_quantizer(model, default_calibration(tokenizer, model.config), log=log)
-    return quantize_model(model, cfg, quantizer)
+    if cfg.method == "gguf":
+        from jaxllm.quant.gguf_native import native_weights
+
+        if not str(source).endswith(".gguf"):
+            raise JaxLLMError(f"recipe {cfg.name!r} needs a GGUF model; {source!r} is not one")
+        native = native_weights(source, model.config)
+    return quantize_model(model, cfg, quantizer, native)

@@ -16,7 +16,7 @@ from jaxllm.config import CONFIG_DIR
 from jaxllm.errors import JaxLLMError
 
 RECIPE_DIR = CONFIG_DIR / "quant"
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "gguf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,8 @@ class QuantConfig:
     activation_bits: 8 for dynamic per-token int8 activations (needs 8-bit weights).
     embed_bits: the token embedding / tied output head (None: keep it float).
     kv_bits: 8 for an int8 KV cache with per-token-per-head scales.
-    method: `rtn` (round to nearest) or `gptq` (needs calibration text).
+    method: `rtn` (round to nearest), `gptq` (needs calibration text) or `gguf` (the GGUF
+      file's own Q8_0/Q4_0/Q4_1 blocks, loaded as they are).
     """
 
     name: str = "none"
@@ -66,6 +67,11 @@ class QuantConfig:
                 f"(weight_bits=8, group_size=None), got weight_bits={self.weight_bits}, "
                 f"group_size={self.group_size}"
             )
+        if self.method == "gguf" and (self.weight_bits or self.embed_bits):
+            raise JaxLLMError(
+                f"recipe {self.name!r}: the gguf method keeps the file's own blocks and takes "
+                "no weight_bits or embed_bits"
+            )
         if self.method not in METHODS:
             raise JaxLLMError(
                 f"method={self.method!r} in recipe {self.name!r} is not one of {', '.join(METHODS)}"
@@ -73,7 +79,7 @@ class QuantConfig:
 
     @property
     def quantizes_weights(self) -> bool:
-        return self.weight_bits is not None or self.embed_bits is not None
+        return self.weight_bits is not None or self.embed_bits is not None or self.method == "gguf"
 
 
 def available_recipes() -> tuple[str, ...]:
