@@ -19,21 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.generate import Generator
-from jaxllm.model import Embedding, Linear, init_cache
+from jaxllm.model import Embedding, Linear
 from jaxllm.quant.apply import linear_slots, quantize_model
 from jaxllm.quant.config import load_recipe
+from jaxllm.quant.evaluate import perplexity
 from jaxllm.quant.gguf_native import native_weights
 from jaxllm.quant.gptq import CALIBRATION_TEXT, calibration_windows, gptq_quantizer
 from jaxllm.quant.kv import kv_bytes_per_element
@@ -60,29 +59,6 @@ def weight_bytes(model) -> tuple[int, int]:
             held += w.nbytes
             bf16 += w.size * 2
     return held, bf16
-
-
-def perplexity(model, windows, kv_dtype) -> float:
-    graphdef, state = nnx.split(model)
-    cfg = model.config
-
-    @jax.jit
-    def logits_fn(state, tokens):
-        m = nnx.merge(graphdef, state)
-        t = tokens.shape[1]
-        cache = init_cache(cfg, 1, t, kv_dtype)
-        mask = jnp.tril(jnp.ones((t, t), bool))[None]
-        logits, _ = m(tokens, jnp.arange(t)[None], mask, cache, jnp.int32(0))
-        return logits[0]
-
-    nll, count = 0.0, 0
-    for ids in windows:
-        logits = np.asarray(logits_fn(state, jnp.asarray([ids], jnp.int32)), np.float64)
-        mx = logits.max(-1, keepdims=True)
-        logz = np.log(np.exp(logits - mx).sum(-1)) + mx[:, 0]
-        nll += float((logz[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
-        count += len(ids) - 1
-    return math.exp(nll / count)
 
 
 def decode_rate(model, prompts, batch: int, new_tokens: int) -> float:

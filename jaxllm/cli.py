@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--attention", default="auto")
     g.add_argument("--quant", default=None, help="quantization recipe, e.g. int8, int4-g128")
     g.add_argument("--json", action="store_true", help="print token ids and timings as JSON")
+    from jaxllm.quant.commands import add_parsers
+
+    add_parsers(sub)  # quantize, qat
     return p
 
 
@@ -108,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command in ("quantize", "qat"):
+            from jaxllm.quant import commands
+
+            return getattr(commands, f"{args.command}_command")(args)
     except JaxLLMError as e:
         print(f"jaxllm: error: {e}", file=sys.stderr)
         return 2
