@@ -1,8 +1,9 @@
 """The quantized product the model's layers call: y = x @ W^T for a `QuantizedWeight` W [O, I].
 
-Weight-only: the weight is dequantized inside the jitted step (the float copy is a temporary
-of the program, never an input) and the product is the model's own `linear`, so few-row
-float32 products still reach the native CPU kernel.
+Weight-only: on CPU, few-row float32 products (decode) go to the native kernel
+`cpu_kernels/qmatvec.cc`, which reads the codes once and widens them in registers. Elsewhere
+the weight is dequantized inside the jitted step (a temporary of the program, never an
+input) and multiplied by the model's own `linear`.
 
 w8a8: x is quantized per token (row) to int8 on the fly, multiplied with the int8 codes
 accumulating in int32 (`preferred_element_type`: an int8 result would overflow), and the
@@ -13,9 +14,12 @@ Axes: leading batch axes ..., in I, out O.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
+from jaxllm import cpu_kernels
 from jaxllm.cpu_kernels import linear
 from jaxllm.quant.qtensor import QuantizedWeight, dequantize
 
@@ -43,4 +47,33 @@ def qlinear(x: jax.Array, w: QuantizedWeight, activation_bits: int | None = None
         xq, xs = quantize_rows(x)
         acc = int8_matmul(xq, w.values).astype(jnp.float32)
         return (acc * xs * w.scale[:, 0].astype(jnp.float32)).astype(x.dtype)
+    if uses_native_qmatvec(x, w):
+        return native_qlinear(x, w)
     return linear(x, dequantize(w, x.dtype))
+
+
+def uses_native_qmatvec(x: jax.Array, w: QuantizedWeight) -> bool:
+    rows = math.prod(x.shape[:-1])
+    multiple = 16 if w.bits == 8 else 32
+    return (
+        rows <= cpu_kernels.MAX_ROWS
+        and x.dtype == jnp.float32
+        and w.group % multiple == 0
+        and jax.default_backend() == "cpu"
+        and cpu_kernels.available()
+    )
+
+
+def native_qlinear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """`qmatvec.cc` (no checks: see `uses_native_qmatvec`). x [..., I] -> [..., O] float32."""
+    o, i = w.shape
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (o,), jnp.float32)
+    scale = w.scale.astype(jnp.float32)
+    if w.bits == 8:
+        return jax.ffi.ffi_call("JaxllmQMatVec8", out, vmap_method="sequential")(x, w.values, scale)
+    groups = i // w.group
+    xsum = jnp.sum(x.reshape(*x.shape[:-1], groups, w.group), axis=-1)
+    offset = jnp.zeros((0,), jnp.float32) if w.offset is None else w.offset.astype(jnp.float32)
+    return jax.ffi.ffi_call("JaxllmQMatVec4", out, vmap_method="sequential")(
+        x, w.values, scale, offset, xsum
+    )
