@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxllm import LLM, SamplingParams
+from jaxllm import LLM, JaxLLMError, SamplingParams
 from jaxllm.generate import Generator
 from jaxllm.model import Embedding, Linear
 from jaxllm.quant.apply import linear_slots, quantize_model
@@ -37,10 +37,11 @@ from jaxllm.quant.gguf_native import native_weights
 from jaxllm.quant.gptq import CALIBRATION_TEXT, calibration_windows, gptq_quantizer
 from jaxllm.quant.kv import kv_bytes_per_element
 from jaxllm.quant.layers import QuantizedEmbedding, QuantizedLinear
+from jaxllm.quant.qtensor import check_groups
 
 DEFAULT_RECIPES = (
-    "float32,gguf,int8,w8a8,kv-int8,int4-g128,int4-g32,int4-g32+gptq,int4-g128+gptq,"
-    "int4-g128+kv-int8"
+    "float32,gguf,int8,w8a8,kv-int8,int4-g128,int4-g64,int4-g32,int4-g64+gptq,int4-g32+gptq,"
+    "int4-g64+kv-int8"
 )
 
 
@@ -59,6 +60,16 @@ def weight_bytes(model) -> tuple[int, int]:
             held += w.nbytes
             bf16 += w.size * 2
     return held, bf16
+
+
+def check_recipe_fits(recipe: str, cfg) -> None:
+    """JaxLLMError when the recipe's groups do not divide the model's matrices."""
+    if recipe == "float32":
+        return
+    qc = load_recipe(recipe)
+    if qc.group_size is not None:
+        for n_in in (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim):
+            check_groups((1, n_in), qc.group_size, f"a {n_in}-input matrix")
 
 
 def decode_rate(model, prompts, batch: int, new_tokens: int) -> float:
@@ -100,6 +111,12 @@ def main(argv=None) -> int:
     rows = []
     for recipe in args.recipes.split(","):
         t0 = time.perf_counter()
+        try:
+            check_recipe_fits(recipe, cfg)
+        except JaxLLMError as e:  # e.g. int4-g128 on a hidden size of 576
+            rows.append(dict(recipe=recipe, error=str(e)))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            continue
         if recipe == "float32":
             model, qc = float_model, None
         else:
@@ -140,6 +157,9 @@ def main(argv=None) -> int:
     head += "" if args.no_speed else " tok/s b=1 | tok/s b=16 |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['recipe']} | n/a: {r['error']} |")
+            continue
         line = (
             f"| {r['recipe']} | {r['ppl']:.3f} | {100 * (r['ppl'] / base - 1):+.2f}% "
             f"| {r['weight_mb']:.1f} | {r['weight_vs_bf16']:.3f}x | {r['kv_bytes_per_token']:.0f} "

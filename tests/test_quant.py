@@ -236,3 +236,27 @@ def test_native_quantized_matvec_matches_dequantized_einsum(bits, group, asym):
         assert uses_native_qmatvec(x, qw)
         got = np.asarray(jax.jit(native_qlinear)(x, qw))
         np.testing.assert_allclose(got, np.asarray(x) @ want_w.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_generate_quant_and_quantize_report(smollm2):
+    import json
+
+    from jaxllm.quant.qtensor import quantize as rtn
+    from tests.test_api_cli import run_cli
+
+    r = run_cli("generate", "--prompt", "The capital of France is", "--max-tokens", "4",
+                "--quant", "int8", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    model = quantize_model(__import__("flax").nnx.clone(smollm2.model), "int8")
+    sp = [SamplingParams(temperature=0, max_tokens=4)]
+    want = Generator(model).generate([smollm2.encode("The capital of France is")], sp)[0]
+    assert json.loads(r.stdout)["token_ids"] == want.token_ids
+    r = run_cli("quantize", "--recipe", "int4-g32", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    down = rows["layers.3.mlp.down"]
+    w = np.asarray(smollm2.model.layers[3].mlp.down.weight[...])
+    assert down["bytes"] == rtn(w, 4, 32).nbytes
+    r = run_cli("quantize", "--recipe", "int4-g128")
+    assert r.returncode == 2 and "group size 128 does not divide" in r.stderr
