@@ -242,13 +242,15 @@ def test_native_quantized_matvec_matches_dequantized_einsum(bits, group, asym):
 def test_cli_generate_quant_and_quantize_report(smollm2):
     import json
 
+    from flax import nnx
+
     from jaxllm.quant.qtensor import quantize as rtn
     from tests.test_api_cli import run_cli
 
     r = run_cli("generate", "--prompt", "The capital of France is", "--max-tokens", "4",
                 "--quant", "int8", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    model = quantize_model(__import__("flax").nnx.clone(smollm2.model), "int8")
+    model = quantize_model(nnx.clone(smollm2.model), "int8")
     sp = [SamplingParams(temperature=0, max_tokens=4)]
     want = Generator(model).generate([smollm2.encode("The capital of France is")], sp)[0]
     assert json.loads(r.stdout)["token_ids"] == want.token_ids
