@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxllm.quant.kv import QuantizedKV, quantize_kv, read_kv, scatter_slots, update_slice, zeros_kv
 
@@ -33,6 +34,7 @@ def test_static_and_paged_writes_match_float_writes():
     assert float(jnp.abs(read_kv(got)).sum()) > 0
 
 
+@pytest.mark.slow  # the reference maps over rows eagerly (~20 s); the engine test covers int8
 def test_paged_attention_over_int8_pages_matches_dequantized_pages():
     from jaxllm.engine.cpu_attention import split_paged_attention
     from pallas_kernels.reference import ragged_paged_attention_reference
