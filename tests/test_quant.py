@@ -61,6 +61,20 @@ def test_round_trip_error_within_half_a_step(bits, group):
     assert qw.nbytes == expected_bytes
 
 
+def test_asymmetric_int4_round_trip_and_layout():
+    w = _weights((24, 256)) + 0.03  # groups off-centre: what the offset is for
+    qw = quantize(w, 4, 32, symmetric=False)
+    assert qw.offset is not None and qw.offset.dtype == jnp.float16
+    dq = np.asarray(dequantize(qw))
+    assert np.all(np.abs(w - dq) <= _scale_per_element(qw) / 2 * (1 + 1e-6) + 1e-12)
+    codes = np.asarray(unpack_int4(qw.values, 32), np.float32).reshape(24, 8, 32)
+    want = codes * np.asarray(qw.scale, np.float32)[..., None]
+    want = want + np.asarray(qw.offset, np.float32)[..., None]
+    np.testing.assert_array_equal(dq, want.reshape(24, 256))
+    sym = np.asarray(dequantize(quantize(w, 4, 32)))
+    assert np.abs(w - dq).mean() < np.abs(w - sym).mean()  # 16 levels over the range, not 15
+
+
 @pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 16)])
 def test_dequantize_matches_the_layout_element_by_element(bits, group):
     qw = quantize(_weights((6, 64), seed=1), bits, group)
@@ -115,6 +129,8 @@ def test_bad_recipes_and_shapes_raise():
         load_recipe("int8+int4-g32")
     with pytest.raises(JaxLLMError, match="4-bit weights need a group_size"):
         QuantConfig(weight_bits=4)
+    with pytest.raises(JaxLLMError, match="asymmetric quantization is for int4 weights only"):
+        QuantConfig(weight_bits=8, symmetric=False)
     with pytest.raises(JaxLLMError, match="weight has 48 inputs, which group size 32"):
         quantize(np.zeros((4, 48), np.float32), 4, 32)
     cfg = ModelConfig.from_yaml("tiny")  # hidden 64: groups of 128 do not fit

@@ -19,13 +19,14 @@ def _correlated_inputs(n, d, seed=0):
     return (rng.standard_normal((n, d)) @ mix * (1 + 4 * rng.random(d))).astype(np.float32)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (8, None)])
-def test_gptq_beats_round_to_nearest_on_the_output(bits, group):
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 32, False), (8, None, True)])
+def test_gptq_beats_round_to_nearest_on_the_output(bits, group, symmetric):
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((64, 128)) * 0.05).astype(np.float32)
     x = _correlated_inputs(512, 128)
-    qw = gptq_quantize(w, x.T @ x, bits, group)
-    rtn = quantize(w, bits, group)
+    qw = gptq_quantize(w, x.T @ x, bits, group, symmetric=symmetric)
+    rtn = quantize(w, bits, group, symmetric=symmetric)
+    assert (qw.offset is None) == symmetric
     assert qw.values.dtype == rtn.values.dtype and qw.values.shape == rtn.values.shape
     assert output_error(w, qw, x) < 0.9 * output_error(w, rtn, x)
 

@@ -75,9 +75,9 @@ def test_report_matches_hand_computed_errors(tiny):
     assert len(rows) == 4 * cfg.num_layers + 2  # + untied head + embedding
     down = next(r for r in rows if r["name"] == "layers.1.mlp.down")
     w = params["layers"][1]["w_down"].T  # [out, in]
-    dq = np.asarray(dequantize(quantize(w, 4, 32)))
-    assert down["format"] == "int4 g32" and down["shape"] == w.shape
-    assert down["bytes"] == w.size // 2 + (w.size // 32) * 2
+    dq = np.asarray(dequantize(quantize(w, 4, 32, symmetric=False)))
+    assert down["format"] == "int4 g32 asym" and down["shape"] == w.shape
+    assert down["bytes"] == w.size // 2 + (w.size // 32) * 4  # codes, f16 scales and offsets
     np.testing.assert_allclose(
         down["rel_error"], np.linalg.norm(w - dq) / np.linalg.norm(w), rtol=1e-5
     )

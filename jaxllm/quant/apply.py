@@ -19,12 +19,15 @@ from jaxllm.quant.config import QuantConfig, load_recipe
 from jaxllm.quant.layers import QuantizedEmbedding, QuantizedLinear
 from jaxllm.quant.qtensor import QuantizedWeight, quantize
 
-# (name, float weight [out, in], bits, group) -> quantized weight; round-to-nearest by default.
-Quantizer = Callable[[str, jax.Array, int, int | None], QuantizedWeight]
+# (name, float weight [out, in], bits, group, symmetric) -> quantized weight; round-to-nearest
+# by default.
+Quantizer = Callable[[str, jax.Array, int, int | None, bool], QuantizedWeight]
 
 
-def rtn_quantizer(name: str, w: jax.Array, bits: int, group: int | None) -> QuantizedWeight:
-    return quantize(w, bits, group, name=name)
+def rtn_quantizer(
+    name: str, w: jax.Array, bits: int, group: int | None, symmetric: bool = True
+) -> QuantizedWeight:
+    return quantize(w, bits, group, name=name, symmetric=symmetric)
 
 
 def linear_slots(model: Transformer) -> Iterator[tuple[str, object, str]]:
@@ -64,7 +67,7 @@ def quantize_model(
         if cfg.method == "gguf" and name in native:
             qw = native[name]
         elif cfg.weight_bits is not None and cfg.method != "gguf":
-            qw = quantizer(name, lin.weight[...], cfg.weight_bits, cfg.group_size)
+            qw = quantizer(name, lin.weight[...], cfg.weight_bits, cfg.group_size, cfg.symmetric)
         else:
             continue
         bias = lin.bias[...] if lin.bias is not None else None
@@ -74,7 +77,8 @@ def quantize_model(
             model.embed = QuantizedEmbedding(native["embed"], model.dtype)
         elif cfg.embed_bits is not None:
             group = cfg.group_size if cfg.embed_bits == 4 else None
-            qw = rtn_quantizer("embed", model.embed.table[...], cfg.embed_bits, group)
+            sym = cfg.symmetric or cfg.embed_bits == 8
+            qw = rtn_quantizer("embed", model.embed.table[...], cfg.embed_bits, group, sym)
             # A tied head multiplies with the embedding: it takes the activation recipe too.
             act = cfg.activation_bits if model.lm_head is None and group is None else None
             model.embed = QuantizedEmbedding(qw, model.dtype, act)

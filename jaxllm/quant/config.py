@@ -28,6 +28,8 @@ class QuantConfig:
     activation_bits: 8 for dynamic per-token int8 activations (needs 8-bit weights).
     embed_bits: the token embedding / tied output head (None: keep it float).
     kv_bits: 8 for an int8 KV cache with per-token-per-head scales.
+    symmetric: False for int4 codes over each group's [min, max] (a float16 offset per group,
+      GGUF Q4_1's form) instead of around zero.
     method: `rtn` (round to nearest), `gptq` (needs calibration text) or `gguf` (the GGUF
       file's own Q8_0/Q4_0/Q4_1 blocks, loaded as they are).
     """
@@ -39,6 +41,7 @@ class QuantConfig:
     embed_bits: int | None = None
     kv_bits: int | None = None
     method: str = "rtn"
+    symmetric: bool = True
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -66,6 +69,10 @@ class QuantConfig:
                 f"recipe {self.name!r}: int8 activations need per-channel int8 weights "
                 f"(weight_bits=8, group_size=None), got weight_bits={self.weight_bits}, "
                 f"group_size={self.group_size}"
+            )
+        if not self.symmetric and (self.weight_bits, self.embed_bits) not in ((4, 4), (4, None)):
+            raise JaxLLMError(
+                f"recipe {self.name!r}: asymmetric quantization is for int4 weights only"
             )
         if self.method == "gguf" and (self.weight_bits or self.embed_bits):
             raise JaxLLMError(

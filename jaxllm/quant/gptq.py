@@ -28,7 +28,9 @@ from jaxllm.model import Linear, Transformer
 from jaxllm.quant.qtensor import (
     INT4_SCALE_DTYPE,
     QuantizedWeight,
+    asymmetric_params,
     check_groups,
+    quantize_asymmetric_with,
     quantize_with_scale,
     rtn_scale,
 )
@@ -36,10 +38,10 @@ from jaxllm.quant.qtensor import (
 CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "percdamp"))
-def _gptq_sweep(w, h, *, bits: int, group: int, percdamp: float):
-    """Returns (error-compensated weights [O, I], scales [O, N]): round-to-nearest of the
-    weights under the scales is the result."""
+@functools.partial(jax.jit, static_argnames=("bits", "group", "percdamp", "symmetric"))
+def _gptq_sweep(w, h, *, bits: int, group: int, percdamp: float, symmetric: bool):
+    """Returns (error-compensated weights [O, I], scales [O, N], offsets [O, N]):
+    round-to-nearest of the weights under the scales (and offsets) is the result."""
     n_out, n_in = w.shape
     diag = jnp.diag(h)
     dead = diag == 0  # inputs never active in calibration: weight 0, Hessian 1
@@ -54,36 +56,53 @@ def _gptq_sweep(w, h, *, bits: int, group: int, percdamp: float):
     cols = jnp.arange(n_in)
 
     def body(j, carry):
-        w, scale = carry
+        w, scale, offset = carry
         gi = j // group
         # A group's scale is set when the sweep enters it, from the weights as compensated so
         # far (GPTQ's order), and rounded to the stored dtype before it is used.
         block = jax.lax.dynamic_slice(w, (0, gi * group), (n_out, group))
-        fresh = rtn_scale(block, bits, group, scale_dtype)[:, 0].astype(jnp.float32)
-        s = jnp.where(j % group == 0, fresh, scale[:, gi])
-        scale = scale.at[:, gi].set(s)
+        if symmetric:
+            fresh_s = rtn_scale(block, bits, group, scale_dtype)[:, 0]
+            fresh_o = jnp.zeros((n_out,), jnp.float32)
+        else:
+            fresh_s, fresh_o = (a[:, 0] for a in asymmetric_params(block, group))
+        first = j % group == 0
+        s = jnp.where(first, fresh_s.astype(jnp.float32), scale[:, gi])
+        o = jnp.where(first, fresh_o.astype(jnp.float32), offset[:, gi])
+        scale, offset = scale.at[:, gi].set(s), offset.at[:, gi].set(o)
         col = w[:, j]
-        dq = jnp.clip(jnp.round(col / s), qmin, qmax) * s
+        if symmetric:
+            dq = jnp.clip(jnp.round(col / s), qmin, qmax) * s
+        else:
+            dq = jnp.clip(jnp.round((col - o) / s), 0.0, 15.0) * s + o
         err = (col - dq) / u[j, j]
         # Columns after j absorb the error; column j itself becomes exactly dq.
         update = jnp.outer(err, jnp.where(cols > j, u[j], 0.0))
-        return (w - update).at[:, j].set(dq), scale
+        return (w - update).at[:, j].set(dq), scale, offset
 
     scale = jnp.ones((n_out, n_in // group), jnp.float32)
-    w, scale = jax.lax.fori_loop(0, n_in, body, (w, scale))
-    return w, scale.astype(scale_dtype)
+    offset = jnp.zeros((n_out, n_in // group), jnp.float32)
+    w, scale, offset = jax.lax.fori_loop(0, n_in, body, (w, scale, offset))
+    return w, scale.astype(scale_dtype), offset.astype(scale_dtype)
 
 
 def gptq_quantize(
-    w: jax.Array, h: jax.Array, bits: int, group: int | None, percdamp: float = 0.01
+    w: jax.Array,
+    h: jax.Array,
+    bits: int,
+    group: int | None,
+    percdamp: float = 0.01,
+    symmetric: bool = True,
 ) -> QuantizedWeight:
     """GPTQ of w [O, I] for inputs with Hessian h [I, I]; same layout as `quantize`."""
     g = check_groups(w.shape, group)
-    wc, scale = _gptq_sweep(
+    wc, scale, offset = _gptq_sweep(
         jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
-        bits=bits, group=g, percdamp=percdamp,
+        bits=bits, group=g, percdamp=percdamp, symmetric=symmetric,
     )  # fmt: skip
-    return quantize_with_scale(wc, scale, bits, g)
+    if symmetric:
+        return quantize_with_scale(wc, scale, bits, g)
+    return quantize_asymmetric_with(wc, scale, offset, g)
 
 
 class _Recorder(nnx.Module):
@@ -140,14 +159,16 @@ def default_calibration(tokenizer, cfg) -> list[list[int]]:
 
 def gptq_quantizer(
     model: Transformer, windows: Sequence[Sequence[int]], log=print
-) -> Callable[[str, jax.Array, int, int | None], QuantizedWeight]:
+) -> Callable[..., QuantizedWeight]:
     """A `Quantizer` for `quantize_model` that runs GPTQ with Hessians from `windows`."""
     log(f"[jaxllm] GPTQ: collecting Hessians over {len(windows)} calibration windows")
     hessians = collect_hessians(model, windows)
 
-    def quantizer(name: str, w: jax.Array, bits: int, group: int | None) -> QuantizedWeight:
+    def quantizer(
+        name: str, w: jax.Array, bits: int, group: int | None, symmetric: bool = True
+    ) -> QuantizedWeight:
         check_groups(w.shape, group, name)
-        return gptq_quantize(w, hessians[name], bits, group)
+        return gptq_quantize(w, hessians[name], bits, group, symmetric=symmetric)
 
     return quantizer
 

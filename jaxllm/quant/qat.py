@@ -30,27 +30,29 @@ from jaxllm.quant.config import QuantConfig, load_recipe
 from jaxllm.quant.qtensor import dequantize, quantize
 
 
-def fake_quant(w: jax.Array, bits: int, group: int | None) -> jax.Array:
+def fake_quant(w: jax.Array, bits: int, group: int | None, symmetric: bool = True) -> jax.Array:
     """Round-to-nearest quantize-dequantize of w [O, I], straight-through gradient."""
-    dq = dequantize(quantize(jax.lax.stop_gradient(w), bits, group), w.dtype)
+    q = quantize(jax.lax.stop_gradient(w), bits, group, symmetric=symmetric)
+    dq = dequantize(q, w.dtype)
     return w + jax.lax.stop_gradient(dq - w)
 
 
 class FakeQuantLinear(nnx.Module):
-    def __init__(self, inner: Linear, bits: int, group: int | None):
-        self.inner, self.bits, self.group = inner, bits, group
+    def __init__(self, inner: Linear, bits: int, group: int | None, symmetric: bool = True):
+        self.inner, self.bits, self.group, self.symmetric = inner, bits, group, symmetric
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = linear(x, fake_quant(self.inner.weight[...], self.bits, self.group))
+        w = fake_quant(self.inner.weight[...], self.bits, self.group, self.symmetric)
+        y = linear(x, w)
         return y + self.inner.bias[...] if self.inner.bias is not None else y
 
 
 class FakeQuantEmbedding(nnx.Module):
-    def __init__(self, inner: Embedding, bits: int, group: int | None):
-        self.inner, self.bits, self.group = inner, bits, group
+    def __init__(self, inner: Embedding, bits: int, group: int | None, symmetric: bool = True):
+        self.inner, self.bits, self.group, self.symmetric = inner, bits, group, symmetric
 
     def _table(self) -> jax.Array:
-        return fake_quant(self.inner.table[...], self.bits, self.group)
+        return fake_quant(self.inner.table[...], self.bits, self.group, self.symmetric)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self._table(), ids, axis=0)
@@ -67,10 +69,11 @@ def wrap_fake_quant(model: Transformer, recipe: str | QuantConfig) -> Transforme
     if cfg.weight_bits is not None:
         for _, parent, attr in linear_slots(model):
             setattr(parent, attr, FakeQuantLinear(getattr(parent, attr), cfg.weight_bits,
-                                                  cfg.group_size))  # fmt: skip
+                                                  cfg.group_size, cfg.symmetric))  # fmt: skip
     if cfg.embed_bits is not None:
         group = cfg.group_size if cfg.embed_bits == 4 else None
-        model.embed = FakeQuantEmbedding(model.embed, cfg.embed_bits, group)
+        sym = cfg.symmetric or cfg.embed_bits == 8
+        model.embed = FakeQuantEmbedding(model.embed, cfg.embed_bits, group, sym)
     return model
 
 

@@ -112,19 +112,61 @@ def quantize_with_scale(w: jax.Array, scale: jax.Array, bits: int, group: int) -
     return QuantizedWeight(pack_int4(u, group), scale, None, 4, group)
 
 
-def quantize(
-    w: jax.Array | np.ndarray, bits: int, group: int | None = None, name: str = "weight"
-) -> QuantizedWeight:
-    """Round-to-nearest symmetric quantization of w [O, I]; |w - dequantize| <= scale / 2.
+def _round_f16(x: jax.Array, direction: float) -> jax.Array:
+    """x rounded to float16, then stepped towards `direction` (-inf or inf) if it went past."""
+    r = x.astype(INT4_SCALE_DTYPE)
+    past = (r.astype(jnp.float32) > x) if direction < 0 else (r.astype(jnp.float32) < x)
+    return jnp.where(past, jnp.nextafter(r, jnp.asarray(direction, r.dtype)), r)
 
-    Scales are float32 for int8 and float16 for int4, and the codes are rounded against the
-    stored scale, so the bound holds for the values the model actually uses.
+
+def asymmetric_params(w: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
+    """float16 (scale, offset) [O, N] of each group for codes u in [0, 15]: offset is the
+    group's minimum rounded down and scale its range / 15 rounded up, so every weight lies in
+    [offset, offset + 15 * scale] and rounding never clips."""
+    o, i = w.shape
+    ws = w.astype(jnp.float32).reshape(o, i // group, group)
+    offset = _round_f16(jnp.min(ws, axis=-1), -jnp.inf)
+    span = (jnp.max(ws, axis=-1) - offset.astype(jnp.float32)) / 15.0
+    scale = _round_f16(jnp.where(span > 0, span, 1.0), jnp.inf)
+    return scale, offset
+
+
+def quantize_asymmetric_with(
+    w: jax.Array, scale: jax.Array, offset: jax.Array, group: int
+) -> QuantizedWeight:
+    """int4 codes u = round((w - offset) / scale) in [0, 15]; W = scale * u + offset."""
+    o, i = w.shape
+    ws = w.astype(jnp.float32).reshape(o, i // group, group)
+    u = jnp.round(
+        (ws - offset.astype(jnp.float32)[..., None]) / scale.astype(jnp.float32)[..., None]
+    )
+    u = jnp.clip(u, 0, 15).astype(jnp.uint8).reshape(o, i)
+    return QuantizedWeight(pack_int4(u, group), scale, offset, 4, group)
+
+
+def quantize(
+    w: jax.Array | np.ndarray,
+    bits: int,
+    group: int | None = None,
+    name: str = "weight",
+    symmetric: bool = True,
+) -> QuantizedWeight:
+    """Round-to-nearest quantization of w [O, I]; |w - dequantize| <= scale / 2.
+
+    Symmetric: int8 or int4 codes around zero. Asymmetric (int4 only): codes over each
+    group's [min, max], GGUF Q4_1's form. Scales are float32 for int8 and float16 for int4,
+    and the codes are rounded against the stored scale, so the bound holds for the values
+    the model actually uses.
     """
     if bits not in (4, 8):
         raise JaxLLMError(f"bits={bits} is not 4 or 8")
+    if not symmetric and bits != 4:
+        raise JaxLLMError(f"{name}: asymmetric quantization is int4 only, got bits={bits}")
     w = jnp.asarray(w)
     g = check_groups(w.shape, group, name)
     if bits == 4 and g % 2:
         raise JaxLLMError(f"{name}: int4 needs an even group size, got {g}")
+    if not symmetric:
+        return quantize_asymmetric_with(w, *asymmetric_params(w, g), g)
     scale = rtn_scale(w, bits, g, jnp.float32 if bits == 8 else INT4_SCALE_DTYPE)
     return quantize_with_scale(w, scale, bits, g)
