@@ -38,10 +38,10 @@ from jaxllm.quant.gptq import CALIBRATION_TEXT, calibration_windows, gptq_quanti
 from jaxllm.quant.kv import kv_bytes_per_element
 from jaxllm.quant.layers import QuantizedEmbedding, QuantizedLinear
 from jaxllm.quant.qtensor import check_groups
+from jaxllm.quant.smoothquant import input_absmax
 
 DEFAULT_RECIPES = (
-    "float32,gguf,int8,w8a8,kv-int8,int4-g128,int4-g64,int4-g32,int4-g64+gptq,int4-g32+gptq,"
-    "int4-g64+kv-int8"
+    "float32,gguf,int8,w8a8,kv-int8,int4-g128,int4-g64,int4-g64+gptq,int4-g32,int4-g32+gptq"
 )
 
 
@@ -121,14 +121,16 @@ def main(argv=None) -> int:
             model, qc = float_model, None
         else:
             qc = load_recipe(recipe)
-            quantizer, native = None, None
+            quantizer, native, act_absmax = None, None, None
+            if qc.smoothquant is not None:
+                act_absmax = input_absmax(nnx.clone(float_model), calib)
             if qc.method == "gguf":
                 native = native_weights(llm.source, cfg)
             if qc.method == "gptq":
                 if hessian_quantizer is None:
                     hessian_quantizer = gptq_quantizer(float_model, calib, log=print)
                 quantizer = hessian_quantizer
-            model = quantize_model(nnx.clone(float_model), qc, quantizer, native)
+            model = quantize_model(nnx.clone(float_model), qc, quantizer, native, act_absmax)
         quant_s = time.perf_counter() - t0
         kv_dtype = jnp.int8 if qc is not None and qc.kv_bits == 8 else jnp.float32
         ppl = perplexity(model, windows, kv_dtype)

@@ -278,3 +278,28 @@ def test_cli_generate_quant_and_quantize_report(smollm2):
     assert down["bytes"] == rtn(w, 4, 32).nbytes
     r = run_cli("quantize", "--recipe", "int4-g128")
     assert r.returncode == 2 and "group size 128 does not divide" in r.stderr
+
+
+def test_grouped_activation_scales_and_smoothquant_keep_the_product():
+    from jaxllm.quant.matmul import grouped_int8_matmul
+    from jaxllm.quant.smoothquant import smoothing_factors
+
+    rng = np.random.default_rng(9)
+    w = _weights((40, 128), seed=10)
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    x[:, 7] *= 60.0  # an outlier channel, as in SmolLM2's SwiGLU outputs
+    qw = quantize(w, 8)
+    # One scale per whole row is the grouped product with a single group ...
+    whole = np.asarray(qlinear(jnp.asarray(x), qw, 8))
+    np.testing.assert_allclose(
+        np.asarray(grouped_int8_matmul(jnp.asarray(x), qw, 128)), whole, rtol=1e-6, atol=1e-6
+    )
+    # ... and groups of 32 confine the outlier's coarse scale to its own group.
+    exact = x @ np.asarray(dequantize(qw)).T
+    grouped = np.asarray(qlinear(jnp.asarray(x), qw, 8, activation_group=32))
+    assert np.abs(grouped - exact).mean() < 0.7 * np.abs(whole - exact).mean()
+    # SmoothQuant: (x / s) @ (W * s)^T is the same product, and quantizes better.
+    s = np.asarray(smoothing_factors(jnp.abs(jnp.asarray(x)).max(0), jnp.asarray(w), 0.5))
+    np.testing.assert_allclose((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-5)
+    smooth = np.asarray(qlinear(jnp.asarray(x / s), quantize(w * s, 8), 8))
+    assert np.abs(smooth - x @ w.T).mean() < np.abs(whole - x @ w.T).mean()

@@ -17,7 +17,7 @@ from jaxllm.errors import JaxLLMError
 from jaxllm.model import Embedding, Linear, Transformer
 from jaxllm.quant.config import QuantConfig, load_recipe
 from jaxllm.quant.layers import QuantizedEmbedding, QuantizedLinear
-from jaxllm.quant.qtensor import QuantizedWeight, quantize
+from jaxllm.quant.qtensor import QuantizedWeight, check_groups, quantize
 
 # (name, float weight [out, in], bits, group, symmetric) -> quantized weight; round-to-nearest
 # by default.
@@ -49,16 +49,21 @@ def quantize_model(
     recipe: str | QuantConfig,
     quantizer: Quantizer | None = None,
     native: Mapping[str, QuantizedWeight] | None = None,
+    act_absmax: Mapping[str, jax.Array] | None = None,
 ) -> Transformer:
     """Apply `recipe` to `model` (in place; also returned).
 
     `quantizer` replaces round-to-nearest for the linear layers (GPTQ passes its own).
     `native`: for the `gguf` method, the file's own blocks by layer name
     (`jaxllm.quant.gguf_native.native_weights`); layers without one stay float.
+    `act_absmax`: per layer, max |x| per input channel on calibration text, for SmoothQuant
+    (`jaxllm.quant.smoothquant.input_absmax`).
     """
     cfg = load_recipe(recipe)
     if cfg.method == "gguf" and native is None:
         raise JaxLLMError(f"recipe {cfg.name!r} needs the GGUF file's blocks (native=...)")
+    if cfg.smoothquant is not None and act_absmax is None:
+        raise JaxLLMError(f"recipe {cfg.name!r} needs activation statistics (act_absmax=...)")
     quantizer = quantizer or rtn_quantizer
     for name, parent, attr in linear_slots(model):
         lin = getattr(parent, attr)
@@ -67,11 +72,21 @@ def quantize_model(
         if cfg.method == "gguf" and name in native:
             qw = native[name]
         elif cfg.weight_bits is not None and cfg.method != "gguf":
-            qw = quantizer(name, lin.weight[...], cfg.weight_bits, cfg.group_size, cfg.symmetric)
+            w, inv_smooth = lin.weight[...], None
+            if cfg.smoothquant is not None:
+                from jaxllm.quant.smoothquant import smoothing_factors
+
+                s = smoothing_factors(act_absmax[name], w, cfg.smoothquant)
+                w, inv_smooth = w * s[None, :], 1.0 / s
+            qw = quantizer(name, w, cfg.weight_bits, cfg.group_size, cfg.symmetric)
         else:
             continue
+        act_group = cfg.activation_group if cfg.activation_bits else None
+        if act_group is not None:
+            check_groups(qw.shape, act_group, f"{name} (activation groups)")
         bias = lin.bias[...] if lin.bias is not None else None
-        setattr(parent, attr, QuantizedLinear(qw, bias, cfg.activation_bits))
+        layer = QuantizedLinear(qw, bias, cfg.activation_bits, inv_smooth, act_group)
+        setattr(parent, attr, layer)
     if isinstance(model.embed, Embedding):
         if cfg.method == "gguf" and "embed" in native:
             model.embed = QuantizedEmbedding(native["embed"], model.dtype)
@@ -94,15 +109,20 @@ def quantize_for_llm(
     """`LLM(quantization=...)`: the pass, with GPTQ's calibration or the GGUF file's own blocks
     when the recipe asks."""
     cfg = load_recipe(recipe)
-    quantizer, native = None, None
+    quantizer, native, act_absmax = None, None, None
     if cfg.method == "gptq" and cfg.weight_bits is not None:
         from jaxllm.quant.gptq import default_calibration, gptq_quantizer
 
         quantizer = gptq_quantizer(model, default_calibration(tokenizer, model.config), log=log)
+    if cfg.smoothquant is not None:
+        from jaxllm.quant.gptq import default_calibration
+        from jaxllm.quant.smoothquant import input_absmax
+
+        act_absmax = input_absmax(model, default_calibration(tokenizer, model.config))
     if cfg.method == "gguf":
         from jaxllm.quant.gguf_native import native_weights
 
         if not str(source).endswith(".gguf"):
             raise JaxLLMError(f"recipe {cfg.name!r} needs a GGUF model; {source!r} is not one")
         native = native_weights(source, model.config)
-    return quantize_model(model, cfg, quantizer, native)
+    return quantize_model(model, cfg, quantizer, native, act_absmax)

@@ -26,8 +26,10 @@ class QuantConfig:
     weight_bits: 8 or 4 for the linear layers (None: keep them float).
     group_size: inputs sharing one scale (None: one scale per output channel).
     activation_bits: 8 for dynamic per-token int8 activations (needs 8-bit weights).
+    activation_group: with int8 activations, one scale per token per this many inputs.
     embed_bits: the token embedding / tied output head (None: keep it float).
     kv_bits: 8 for an int8 KV cache with per-token-per-head scales.
+    smoothquant: SmoothQuant's migration strength alpha for w8a8 (needs calibration text).
     symmetric: False for int4 codes over each group's [min, max] (a float16 offset per group,
       GGUF Q4_1's form) instead of around zero.
     method: `rtn` (round to nearest), `gptq` (needs calibration text) or `gguf` (the GGUF
@@ -38,10 +40,12 @@ class QuantConfig:
     weight_bits: int | None = None
     group_size: int | None = None
     activation_bits: int | None = None
+    activation_group: int | None = None
     embed_bits: int | None = None
     kv_bits: int | None = None
     method: str = "rtn"
     symmetric: bool = True
+    smoothquant: float | None = None
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -73,6 +77,13 @@ class QuantConfig:
         if not self.symmetric and (self.weight_bits, self.embed_bits) not in ((4, 4), (4, None)):
             raise JaxLLMError(
                 f"recipe {self.name!r}: asymmetric quantization is for int4 weights only"
+            )
+        if self.smoothquant is not None and (
+            self.activation_bits is None or not 0.0 <= self.smoothquant <= 1.0
+        ):
+            raise JaxLLMError(
+                f"recipe {self.name!r}: smoothquant={self.smoothquant} needs int8 activations "
+                "and a strength in [0, 1]"
             )
         if self.method == "gguf" and (self.weight_bits or self.embed_bits):
             raise JaxLLMError(

@@ -41,15 +41,25 @@ class QuantizedLinear(_Holds, nnx.Module):
     """y = x @ W^T + b with W a `QuantizedWeight` [out, in]."""
 
     def __init__(
-        self, w: QuantizedWeight, bias: jax.Array | None = None, activation_bits: int | None = None
+        self,
+        w: QuantizedWeight,
+        bias: jax.Array | None = None,
+        activation_bits: int | None = None,
+        inv_smooth: jax.Array | None = None,
+        activation_group: int | None = None,
     ):
         self.values, self.scale, self.offset = _hold(w)
         self.bits, self.group = w.bits, w.group
         self.activation_bits = activation_bits
+        self.activation_group = activation_group
         self.bias = nnx.Param(bias) if bias is not None else None
+        # SmoothQuant: W was multiplied by s per input channel, so x is divided by it.
+        self.inv_smooth = QuantizedParam(inv_smooth) if inv_smooth is not None else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = qlinear(x, self.qweight, self.activation_bits)
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth[...].astype(x.dtype)
+        y = qlinear(x, self.qweight, self.activation_bits, self.activation_group)
         if self.bias is not None:
             y = y + self.bias[...]
         return y

@@ -24,6 +24,20 @@ from jaxllm.cpu_kernels import linear
 from jaxllm.quant.qtensor import QuantizedWeight, dequantize
 
 
+def grouped_int8_matmul(x: jax.Array, w: QuantizedWeight, group: int) -> jax.Array:
+    """Dynamic int8 activations with one scale per token per `group` inputs, times per-channel
+    int8 weights: int8 x int8 -> int32 per group (a batched dot over the groups), then each
+    group's partial sum scaled by its activation scale. x [..., I] -> float32 [..., O]."""
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    ng = n_in // group
+    xq, xs = quantize_rows(x.reshape(-1, ng, group))  # [R, N, g], [R, N, 1]
+    wq = w.values.reshape(-1, ng, group)  # [O, N, g]
+    dims = (((2,), (2,)), ((1,), (1,)))  # contract g, batch over the groups N
+    acc = jax.lax.dot_general(xq, wq, dims, preferred_element_type=jnp.int32)  # [N, R, O]
+    y = jnp.sum(acc.astype(jnp.float32) * jnp.moveaxis(xs, 1, 0), axis=0)
+    return (y * w.scale[:, 0].astype(jnp.float32)).reshape(*lead, -1)
+
+
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Dynamic per-row int8: x [..., I] -> (codes int8 [..., I], scale float32 [..., 1])."""
     x32 = x.astype(jnp.float32)
@@ -39,11 +53,19 @@ def int8_matmul(xq: jax.Array, wq: jax.Array) -> jax.Array:
     return jax.lax.dot_general(xq, wq, dims, preferred_element_type=jnp.int32)
 
 
-def qlinear(x: jax.Array, w: QuantizedWeight, activation_bits: int | None = None) -> jax.Array:
-    """x [..., I] @ W^T -> [..., O] in x's dtype."""
+def qlinear(
+    x: jax.Array,
+    w: QuantizedWeight,
+    activation_bits: int | None = None,
+    activation_group: int | None = None,
+) -> jax.Array:
+    """x [..., I] @ W^T -> [..., O] in x's dtype. `activation_group`: with int8 activations,
+    one scale per token per that many inputs instead of one per token."""
     if activation_bits == 8:
         if w.bits != 8 or w.group != w.shape[1]:
             raise ValueError("w8a8 needs per-channel int8 weights")
+        if activation_group is not None and activation_group < x.shape[-1]:
+            return grouped_int8_matmul(x, w, activation_group).astype(x.dtype)
         xq, xs = quantize_rows(x)
         acc = int8_matmul(xq, w.values).astype(jnp.float32)
         return (acc * xs * w.scale[:, 0].astype(jnp.float32)).astype(x.dtype)
