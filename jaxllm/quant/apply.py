@@ -69,10 +69,11 @@ def quantize_model(
         lin = getattr(parent, attr)
         if not isinstance(lin, Linear):
             continue  # already quantized
+        inv_smooth = None
         if cfg.method == "gguf" and name in native:
             qw = native[name]
         elif cfg.weight_bits is not None and cfg.method != "gguf":
-            w, inv_smooth = lin.weight[...], None
+            w = lin.weight[...]
             if cfg.smoothquant is not None:
                 from jaxllm.quant.smoothquant import smoothing_factors
 
