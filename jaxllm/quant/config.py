@@ -74,9 +74,10 @@ class QuantConfig:
                 f"(weight_bits=8, group_size=None), got weight_bits={self.weight_bits}, "
                 f"group_size={self.group_size}"
             )
-        if not self.symmetric and (self.weight_bits, self.embed_bits) not in ((4, 4), (4, None)):
+        if not self.symmetric and 4 not in (self.weight_bits, self.embed_bits):
             raise JaxLLMError(
-                f"recipe {self.name!r}: asymmetric quantization is for int4 weights only"
+                f"recipe {self.name!r}: asymmetric quantization is for int4 weights only "
+                "(int8 parts stay symmetric)"
             )
         if self.smoothquant is not None and (
             self.activation_bits is None or not 0.0 <= self.smoothquant <= 1.0
