@@ -70,6 +70,10 @@ _BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla, "flash": _flash, 
 
 
 def _paged_kernel(q, k_pages, v_pages, meta, *, sm_scale):
+    from jaxllm.quant.kv import read_kv
+
+    # The Pallas kernel reads float pages: an int8 pool is dequantized whole before the call.
+    k_pages, v_pages = read_kv(k_pages, q.dtype), read_kv(v_pages, q.dtype)
     return ragged_paged_attention(
         q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
         sm_scale=sm_scale,

@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--attention", default="auto")
+    g.add_argument("--quant", default=None, help="quantization recipe, e.g. int8, int4-g128")
     g.add_argument("--json", action="store_true", help="print token ids and timings as JSON")
     g.add_argument(
         "--mesh", default=None, help="shard over devices: data=2,pipeline=1,tensor=4 or a name"
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     pl.add_argument("--microbatches", type=int, default=0)
     pl.add_argument("--json", action="store_true")
+    from jaxllm.quant.commands import add_parsers
+
+    add_parsers(sub)  # quantize, qat
     return p
 
 
@@ -98,7 +102,10 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    llm = LLM(args.model, dtype=args.dtype, attention=args.attention, log=log, mesh=args.mesh)
+    llm = LLM(
+        args.model, dtype=args.dtype, attention=args.attention, log=log, mesh=args.mesh,
+        quantization=args.quant,
+    )  # fmt: skip
     tok = llm.tokenizer if args.prompt_ids else llm._require_tokenizer()
     if args.prompt_ids:
         prompt = [int(x) for x in args.prompt_ids.split(",")]
@@ -164,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _plan(args)
         if args.command == "launch":
             return _launch(args)
+        if args.command in ("quantize", "qat"):
+            from jaxllm.quant import commands
+
+            return getattr(commands, f"{args.command}_command")(args)
     except JaxLLMError as e:
         print(f"jaxllm: error: {e}", file=sys.stderr)
         return 2

@@ -80,6 +80,8 @@ class LLM:
         On a mesh, generation uses the static generator unless engine=True (meshes
         without pipeline stages: KV pages split by KV head over `tensor`).
       microbatches: pipeline microbatches per batch (default: one per stage).
+      quantization: a recipe from configs/quant (`int8`, `int4-g128`, `w8a8`, `kv-int8`,
+        joined with `+`) or a `jaxllm.quant.QuantConfig`, applied before anything is jitted.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class LLM:
         engine_config: Any = None,
         mesh: Any = None,
         microbatches: int = 0,
+        quantization: Any = None,
     ):
         if dtype not in _DTYPES:
             raise JaxLLMError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
@@ -105,6 +108,11 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
         self.mesh = None
+        if mesh is not None and quantization is not None:
+            raise JaxLLMError(
+                f"quantization={quantization!r} with mesh={mesh!r}: quantized weights do not "
+                "shard yet; use one or the other"
+            )
         if mesh is not None:
             from jaxllm.sharded_run import shard_generator
 
@@ -126,6 +134,10 @@ class LLM:
                 attention=resolve_backend(attention),
                 rope_factors=loaded.rope_factors,
             )
+            if quantization is not None:
+                from jaxllm.quant.apply import quantize_for_llm
+
+                quantize_for_llm(self.model, quantization, self.tokenizer, self.source, log=log)
             self.generator = Generator(self.model, max_batch=max_batch)
         del loaded
         self.use_engine = engine is None or engine

@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.cpu_kernels import linear
+from jaxllm.quant import kv as kvq
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: k, v each [B, K, S, D]
 PagedCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: k, v [K, pages, page, D]
@@ -176,12 +177,13 @@ class Attention(nnx.Module):
         # so no per-step transpose of the whole cache.
         k = apply_rope(qkv[:, :, :, g], positions, inv_freq).transpose(0, 2, 1, 3)
         v = qkv[:, :, :, g + 1].transpose(0, 2, 1, 3)
-        if kv is not None:
+        if kv is not None:  # an int8 cache (`QuantizedKV`) is written quantized, read float
             idx = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), idx)
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), idx)
+            k = kvq.update_slice(kv[0], k, idx)
+            v = kvq.update_slice(kv[1], v, idx)
         q_offset = 0 if cache_index is None else cache_index
-        out = attention_fn(q, k, v, mask, sm_scale=d**-0.5, q_offset=q_offset)
+        k_in, v_in = kvq.read_kv(k, q.dtype), kvq.read_kv(v, q.dtype)
+        out = attention_fn(q, k_in, v_in, mask, sm_scale=d**-0.5, q_offset=q_offset)
         return self.o(out.reshape(b, t, k_ * g * d)), (k, v)
 
     def paged(
@@ -204,20 +206,8 @@ class Attention(nnx.Module):
         q = apply_rope(qkv[:, :, :, :g], positions[None], inv_freq)[0]  # [T, K, G, D]
         k = apply_rope(qkv[:, :, :, g], positions[None], inv_freq)[0]  # [T, K, D]
         v = qkv[0, :, :, g + 1]
-        kp, vp = pages
-        kh, n_pages, page_size, _ = kp.shape
-        flat = (kh, n_pages * page_size, d)
-        kp = (
-            kp.reshape(flat)
-            .at[:, meta.slot_mapping]
-            .set(k.transpose(1, 0, 2).astype(kp.dtype), mode="drop")
-        )
-        vp = (
-            vp.reshape(flat)
-            .at[:, meta.slot_mapping]
-            .set(v.transpose(1, 0, 2).astype(vp.dtype), mode="drop")
-        )
-        kp, vp = kp.reshape(pages[0].shape), vp.reshape(pages[1].shape)
+        kp = kvq.scatter_slots(pages[0], k.transpose(1, 0, 2), meta.slot_mapping)
+        vp = kvq.scatter_slots(pages[1], v.transpose(1, 0, 2), meta.slot_mapping)
         out = paged_attention_fn(q.reshape(t, k_ * g, d), kp, vp, meta, sm_scale=d**-0.5)
         return self.o(out.reshape(1, t, k_ * g * d))[0], (kp, vp)
 
@@ -365,15 +355,21 @@ class Transformer(nnx.Module):
 def init_pages(
     cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any = jnp.float32
 ) -> PagedCache:
-    """Zeroed paged KV cache: per layer, k and v [K, num_pages, page_size, D]."""
+    """Zeroed paged KV cache: per layer, k and v [K, num_pages, page_size, D] (int8: a
+    `QuantizedKV` with scales [K, num_pages, page_size])."""
     shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+    return tuple(
+        (kvq.zeros_kv(shape, dtype), kvq.zeros_kv(shape, dtype)) for _ in range(cfg.num_layers)
+    )
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
-    """Zeroed KV cache: per layer, k and v [B, K, S, D]."""
+    """Zeroed KV cache: per layer, k and v [B, K, S, D] (int8: a `QuantizedKV` with scales
+    [B, K, S])."""
     shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+    return tuple(
+        (kvq.zeros_kv(shape, dtype), kvq.zeros_kv(shape, dtype)) for _ in range(cfg.num_layers)
+    )
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.02) -> dict[str, Any]:

@@ -207,6 +207,8 @@ def ragged_paged_attention_reference(
     *,
     sm_scale: float,
     sliding_window: int | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
 ) -> jax.Array:
     """Queries of many sequences packed together, each attending causally to its own pages.
 
@@ -218,6 +220,8 @@ def ragged_paged_attention_reference(
       block_tables: [S, max_pages_per_seq] int32.
       cu_q_lens: [S + 1] int32 offsets into q.
       num_seqs: how many of the S slots are in use; rows past cu_q_lens[num_seqs] give zeros.
+      k_scales, v_scales: [K, num_pages, page_size] for int8 pages: page values are multiplied
+        by them as each sequence's pages are gathered (an int8 KV cache read in place).
 
     Returns:
       [T, H, D] in q's dtype.
@@ -235,8 +239,12 @@ def ragged_paged_attention_reference(
 
     def one_token(args):
         qi, s, p, ok = args  # [H, D], seq, position, live
-        k = k_pages[:, block_tables[s]].reshape(kh, span, d)
-        v = v_pages[:, block_tables[s]].reshape(kh, span, d)
+        k = k_pages[:, block_tables[s]].reshape(kh, span, d).astype(jnp.float32)
+        v = v_pages[:, block_tables[s]].reshape(kh, span, d).astype(jnp.float32)
+        if k_scales is not None:
+            k = k * k_scales[:, block_tables[s]].reshape(kh, span, 1)
+        if v_scales is not None:
+            v = v * v_scales[:, block_tables[s]].reshape(kh, span, 1)
         kpos = jnp.arange(span)
         valid = (kpos <= p) & (kpos < kv_lens[s]) & ok
         if sliding_window is not None:

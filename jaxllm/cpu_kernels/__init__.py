@@ -36,7 +36,9 @@ import numpy as np
 
 MAX_ROWS = 16
 _TARGET = "jaxllm_matvec"
-_SOURCES = [Path(__file__).with_name(n) for n in ("matvec.cc", "paged_attention.cc", "pool.h")]
+_SOURCES = [
+    Path(__file__).with_name(n) for n in ("matvec.cc", "paged_attention.cc", "qmatvec.cc", "pool.h")
+]
 _ATTENTION_TARGET = "jaxllm_paged_attention"
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w", "-pthread"]
 _lock = threading.Lock()
@@ -115,6 +117,10 @@ def available() -> bool:
                         jax.ffi.pycapsule(lib.JaxllmPagedAttention),
                         platform="cpu",
                     )
+                    for name in ("JaxllmQMatVec8", "JaxllmQMatVec4"):  # jaxllm.quant.matmul
+                        jax.ffi.register_ffi_target(
+                            name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
+                        )
                     _state["lib"] = lib
                     _state["ok"] = True
         return bool(_state["ok"])

@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.model import PagedMeta
+from jaxllm.quant.kv import gather_pages
 from pallas_kernels.reference import masked_softmax
 
 
 def _gather(pages: jax.Array, tables: jax.Array) -> jax.Array:
-    """pages [K, num_pages, page, D], tables [N, P] -> [N, K, P * page, D]."""
-    k, _, page, d = pages.shape
-    n, p = tables.shape
-    return jnp.moveaxis(pages[:, tables], 0, 1).reshape(n, k, p * page, d)
+    """pages [K, num_pages, page, D], tables [N, P] -> [N, K, P * page, D]; int8 pages
+    (`QuantizedKV`) are dequantized after the gather, page by page as they are read."""
+    return gather_pages(pages, tables)
 
 
 def split_paged_attention(

@@ -48,7 +48,8 @@ class EngineConfig:
     def pages_for(self, model: Transformer) -> int:
         if self.num_pages is not None:
             return self.num_pages
-        per_page = kv_bytes_per_token(model.config, model.dtype) * self.page_size
+        kv_dtype = getattr(model, "kv_cache_dtype", None) or model.dtype
+        per_page = kv_bytes_per_token(model.config, kv_dtype) * self.page_size
         full = self.max_num_seqs * -(-model.config.max_position_embeddings // self.page_size)
         return max(1, min(self.kv_cache_bytes // per_page, full))
 

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxllm.attention import paged_uses_native_cpu, resolve_backend
 from jaxllm.engine.scheduler import SchedulerOutput
 from jaxllm.model import PagedMeta, Transformer, init_pages
+from jaxllm.quant.kv import kv_bytes_per_element
 from jaxllm.sampling import (
     SamplingArrays,
     SamplingParams,
@@ -71,7 +71,8 @@ class ModelRunner:
         self.page_size = page_size
         self.num_pages = num_pages
         self.graphdef, self.state = nnx.split(model)
-        self.pages = init_pages(self.config, num_pages, page_size, cache_dtype or model.dtype)
+        cache_dtype = cache_dtype or getattr(model, "kv_cache_dtype", None) or model.dtype
+        self.pages = init_pages(self.config, num_pages, page_size, cache_dtype)
         self._step = jax.jit(
             self._step_impl,
             donate_argnums=(1,),
@@ -81,7 +82,7 @@ class ModelRunner:
         # The decode/prefill split metadata is only read by the jnp CPU path; leaving it
         # empty otherwise keeps it out of the compiled shapes.
         self.split = resolve_backend(model.attention) == "xla" and not paged_uses_native_cpu(
-            self.config.group_size, page_size, cache_dtype or model.dtype
+            self.config.group_size, page_size, cache_dtype
         )
         self.compiled_shapes: set[tuple[int, ...]] = set()
 
@@ -111,7 +112,8 @@ class ModelRunner:
 
     @staticmethod
     def _copy_impl(pages, src, dst):
-        return tuple((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in pages)
+        # tree.map: an int8 page pool (`QuantizedKV`) copies its scales along with its values.
+        return jax.tree.map(lambda x: x.at[:, dst].set(x[:, src]), pages)
 
     def execute(
         self,
@@ -258,4 +260,5 @@ class ModelRunner:
 
 
 def kv_bytes_per_token(config, dtype) -> int:
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+    per_element = kv_bytes_per_element(dtype, config.head_dim)  # int8 counts its scales
+    return int(2 * config.num_layers * config.num_kv_heads * config.head_dim * per_element)

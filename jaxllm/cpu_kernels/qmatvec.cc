@@ -1,0 +1,196 @@
+// Few-row products with quantized weight matrices, for XLA:CPU through the XLA FFI.
+//
+//   JaxllmQMatVec8: y[R, N] = x[R, K] @ dq(W)^T, W int8 [N, K], scale f32 [N, G]
+//   JaxllmQMatVec4: the same with W packed int4 [N, K/2] (jaxllm.quant.qtensor's layout:
+//                   in each group, byte j holds input j low and input j + group/2 high),
+//                   scale f32 [N, G], offset f32 [N, G] (asymmetric) or empty (codes - 8),
+//                   and the per-group sums of x, xsum f32 [R, G]
+//
+// G groups of K / G inputs share a scale. XLA:CPU converts quantized weights to float before
+// a dot, so a batch-1 step would read each weight once as codes and twice more as floats;
+// here the codes are read once, widened in registers, and scaled once per group. The rows
+// of W are split across the threads of the pool in pool.h, as in matvec.cc.
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMinParallelElements = 1 << 16;
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+// 16 codes -> 16 floats. GCC scalarises a generic vector conversion from bytes (it went
+// through general registers one byte at a time, 8x slower than the f32 kernel), so x86 gets
+// the widening instructions by name.
+#if defined(__AVX512F__)
+inline Vec FromInts(__m512i v) { return (Vec)_mm512_cvtepi32_ps(v); }
+inline Vec WidenS8(const int8_t* p) {
+  return FromInts(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// Low and high nibbles of 16 bytes.
+inline void WidenNibbles(const uint8_t* p, Vec* lo, Vec* hi) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(15);
+  *lo = FromInts(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
+  *hi = FromInts(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+}
+#else
+inline Vec WidenS8(const int8_t* p) {
+  Vec v;
+  for (int64_t i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+inline void WidenNibbles(const uint8_t* p, Vec* lo, Vec* hi) {
+  for (int64_t i = 0; i < kLanes; ++i) {
+    (*lo)[i] = static_cast<float>(p[i] & 15);
+    (*hi)[i] = static_cast<float>(p[i] >> 4);
+  }
+}
+#endif
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+
+inline float Sum(Vec v) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+struct Job {
+  const float* x;
+  const void* w;
+  const float* scale;
+  const float* offset;  // nullptr: symmetric int4 (codes - 8)
+  const float* xsum;
+  float* y;
+  int64_t rows, k, n, groups;
+};
+
+void Rows8(const Job& job, int64_t j0, int64_t j1) {
+  const int64_t g = job.k / job.groups;
+  const int8_t* w = static_cast<const int8_t*>(job.w);
+  for (int64_t j = j0; j < j1; ++j) {
+    const int8_t* wj = w + j * job.k;
+    const float* sj = job.scale + j * job.groups;
+    for (int64_t r = 0; r < job.rows; ++r) {
+      const float* xr = job.x + r * job.k;
+      float acc = 0.0f;
+      for (int64_t gi = 0; gi < job.groups; ++gi) {
+        Vec a0 = {}, a1 = {};
+        const int64_t base = gi * g;
+        int64_t i = 0;
+        for (; i + 2 * kLanes <= g; i += 2 * kLanes) {
+          a0 += Load(xr + base + i) * WidenS8(wj + base + i);
+          a1 += Load(xr + base + i + kLanes) * WidenS8(wj + base + i + kLanes);
+        }
+        for (; i < g; i += kLanes) a0 += Load(xr + base + i) * WidenS8(wj + base + i);
+        acc += sj[gi] * Sum(a0 + a1);
+      }
+      job.y[r * job.n + j] = acc;
+    }
+  }
+}
+
+void Rows4(const Job& job, int64_t j0, int64_t j1) {
+  const int64_t g = job.k / job.groups, half = g / 2;
+  const uint8_t* w = static_cast<const uint8_t*>(job.w);
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* wj = w + j * (job.k / 2);
+    const float* sj = job.scale + j * job.groups;
+    const float* oj = job.offset ? job.offset + j * job.groups : nullptr;
+    for (int64_t r = 0; r < job.rows; ++r) {
+      const float* xr = job.x + r * job.k;
+      const float* xs = job.xsum + r * job.groups;
+      float acc = 0.0f;
+      for (int64_t gi = 0; gi < job.groups; ++gi) {
+        Vec a = {};
+        const uint8_t* b = wj + gi * half;
+        const float* xg = xr + gi * g;
+        for (int64_t h = 0; h < half; h += kLanes) {
+          Vec lo, hi;
+          WidenNibbles(b + h, &lo, &hi);
+          a += Load(xg + h) * lo + Load(xg + half + h) * hi;
+        }
+        const float dot = Sum(a);  // sum of x * code over the group
+        acc += oj ? sj[gi] * dot + oj[gi] * xs[gi] : sj[gi] * (dot - 8.0f * xs[gi]);
+      }
+      job.y[r * job.n + j] = acc;
+    }
+  }
+}
+
+void Run(const Job& job, void (*rows)(const Job&, int64_t, int64_t)) {
+  if (job.n * job.k < kMinParallelElements) {
+    rows(job, 0, job.n);
+    return;
+  }
+  const JaxllmPool::Task task = [&job, rows](int share, int shares) {
+    rows(job, job.n * share / shares, job.n * (share + 1) / shares);
+  };
+  JaxllmGetPool().Run(task);
+}
+
+ffi::Error Check(int64_t k, int64_t groups, int64_t multiple) {
+  if (groups <= 0 || k % groups != 0 || (k / groups) % multiple != 0) {
+    return ffi::Error::InvalidArgument("JaxllmQMatVec: group size must divide K by 16s");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error QMatVec8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t n = w.dimensions()[0], k = w.dimensions()[1];
+  const int64_t groups = scale.dimensions()[1];
+  if (auto e = Check(k, groups, kLanes); e.failure()) return e;
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
+  Run(Job{x.typed_data(), w.typed_data(), scale.typed_data(), nullptr, nullptr, y->typed_data(),
+          rows, k, n, groups},
+      Rows8);
+  return ffi::Error::Success();
+}
+
+ffi::Error QMatVec4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::F32> xsum,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t n = w.dimensions()[0], k = 2 * w.dimensions()[1];
+  const int64_t groups = scale.dimensions()[1];
+  if (auto e = Check(k, groups, 2 * kLanes); e.failure()) return e;
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
+  const float* off = offset.element_count() ? offset.typed_data() : nullptr;
+  Run(Job{x.typed_data(), w.typed_data(), scale.typed_data(), off, xsum.typed_data(),
+          y->typed_data(), rows, k, n, groups},
+      Rows4);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatVec8, QMatVec8,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatVec4, QMatVec4,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

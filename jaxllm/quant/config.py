@@ -1,0 +1,144 @@
+"""Quantization recipes: one frozen `QuantConfig`, loaded from YAML in configs/quant/.
+
+A recipe string names one or more recipes joined by `+` ("int4-g128+kv-int8"); each sets
+some fields and the composition takes every field a recipe sets. Two recipes that set the
+same field to different values are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from jaxllm.config import CONFIG_DIR
+from jaxllm.errors import JaxLLMError
+
+RECIPE_DIR = CONFIG_DIR / "quant"
+METHODS = ("rtn", "gptq", "gguf")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    weight_bits: 8 or 4 for the linear layers (None: keep them float).
+    group_size: inputs sharing one scale (None: one scale per output channel).
+    activation_bits: 8 for dynamic per-token int8 activations (needs 8-bit weights).
+    activation_group: with int8 activations, one scale per token per this many inputs.
+    embed_bits: the token embedding / tied output head (None: keep it float).
+    kv_bits: 8 for an int8 KV cache with per-token-per-head scales.
+    smoothquant: SmoothQuant's migration strength alpha for w8a8 (needs calibration text).
+    symmetric: False for int4 codes over each group's [min, max] (a float16 offset per group,
+      GGUF Q4_1's form) instead of around zero.
+    method: `rtn` (round to nearest), `gptq` (needs calibration text) or `gguf` (the GGUF
+      file's own Q8_0/Q4_0/Q4_1 blocks, loaded as they are).
+    """
+
+    name: str = "none"
+    weight_bits: int | None = None
+    group_size: int | None = None
+    activation_bits: int | None = None
+    activation_group: int | None = None
+    embed_bits: int | None = None
+    kv_bits: int | None = None
+    method: str = "rtn"
+    symmetric: bool = True
+    smoothquant: float | None = None
+
+    def __post_init__(self) -> None:
+        for field, allowed in (
+            ("weight_bits", (None, 4, 8)),
+            ("embed_bits", (None, 4, 8)),
+            ("activation_bits", (None, 8)),
+            ("kv_bits", (None, 8)),
+        ):
+            if getattr(self, field) not in allowed:
+                raise JaxLLMError(
+                    f"{field}={getattr(self, field)!r} in recipe {self.name!r} is not one of "
+                    f"{', '.join(str(a) for a in allowed)}"
+                )
+        if self.group_size is not None and (self.group_size <= 0 or self.group_size % 2):
+            raise JaxLLMError(
+                f"group_size={self.group_size} in recipe {self.name!r} must be a positive even "
+                "number"
+            )
+        if self.weight_bits == 4 and self.group_size is None:
+            raise JaxLLMError(f"recipe {self.name!r}: 4-bit weights need a group_size")
+        if self.activation_bits is not None and (
+            self.weight_bits != 8 or self.group_size is not None
+        ):
+            raise JaxLLMError(
+                f"recipe {self.name!r}: int8 activations need per-channel int8 weights "
+                f"(weight_bits=8, group_size=None), got weight_bits={self.weight_bits}, "
+                f"group_size={self.group_size}"
+            )
+        if not self.symmetric and 4 not in (self.weight_bits, self.embed_bits):
+            raise JaxLLMError(
+                f"recipe {self.name!r}: asymmetric quantization is for int4 weights only "
+                "(int8 parts stay symmetric)"
+            )
+        if self.smoothquant is not None and (
+            self.activation_bits is None or not 0.0 <= self.smoothquant <= 1.0
+        ):
+            raise JaxLLMError(
+                f"recipe {self.name!r}: smoothquant={self.smoothquant} needs int8 activations "
+                "and a strength in [0, 1]"
+            )
+        if self.method == "gguf" and (self.weight_bits or self.embed_bits):
+            raise JaxLLMError(
+                f"recipe {self.name!r}: the gguf method keeps the file's own blocks and takes "
+                "no weight_bits or embed_bits"
+            )
+        if self.method not in METHODS:
+            raise JaxLLMError(
+                f"method={self.method!r} in recipe {self.name!r} is not one of {', '.join(METHODS)}"
+            )
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.weight_bits is not None or self.embed_bits is not None or self.method == "gguf"
+
+
+def available_recipes() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+
+
+def _read_recipe(name: str) -> dict:
+    path = RECIPE_DIR / f"{name}.yaml"
+    if not name or not path.is_file():
+        raise JaxLLMError(
+            f"unknown quantization recipe {name!r}; available: {', '.join(available_recipes())} "
+            "(join several with '+', e.g. int4-g128+kv-int8)"
+        )
+    fields = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in dataclasses.fields(QuantConfig)} - {"name"}
+    unknown = set(fields) - known
+    if unknown:
+        raise JaxLLMError(f"recipe {str(path)!r} has unknown fields {sorted(unknown)}")
+    return fields
+
+
+def load_recipe(spec: str | QuantConfig) -> QuantConfig:
+    """A QuantConfig from a recipe string such as "int8", "int4-g32+gptq+kv-int8"."""
+    if isinstance(spec, QuantConfig):
+        return spec
+    if not isinstance(spec, str):
+        raise JaxLLMError(f"quantization must be a recipe name or QuantConfig, got {spec!r}")
+    merged: dict = {}
+    owner: dict[str, str] = {}
+    for part in spec.split("+"):
+        part = part.strip()
+        for key, value in _read_recipe(part).items():
+            if key in merged and merged[key] != value:
+                raise JaxLLMError(
+                    f"recipes {owner[key]!r} and {part!r} set {key} to {merged[key]!r} and "
+                    f"{value!r}; they cannot be combined"
+                )
+            merged[key], owner[key] = value, part
+    return QuantConfig(name=spec, **merged)
+
+
+def recipe_path(name: str) -> Path:
+    return RECIPE_DIR / f"{name}.yaml"
