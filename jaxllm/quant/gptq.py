@@ -21,10 +21,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxllm.errors import JaxLLMError
-from jaxllm.model import Linear, Transformer
+from jaxllm.model import Transformer
+from jaxllm.quant.calibrate import record_linear_inputs
 from jaxllm.quant.qtensor import (
     INT4_SCALE_DTYPE,
     QuantizedWeight,
@@ -105,37 +105,13 @@ def gptq_quantize(
     return quantize_asymmetric_with(wc, scale, offset, g)
 
 
-class _Recorder(nnx.Module):
-    """Stands in for a Linear during calibration: adds x^T x of its inputs to `sink[name]`."""
-
-    def __init__(self, inner: Linear, name: str, sink: dict):
-        self.inner, self.name, self.sink = inner, name, sink
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        h = x2.T @ x2
-        self.sink[self.name] = self.sink.get(self.name, 0.0) + h
-        return self.inner(x)
-
-
 def collect_hessians(model: Transformer, windows: Sequence[Sequence[int]]) -> dict[str, jax.Array]:
     """H [I, I] of every linear layer's inputs over the calibration windows (float model)."""
-    from jaxllm.quant.apply import linear_slots
 
-    sink: dict[str, jax.Array] = {}
-    slots = [(n, p, a) for n, p, a in linear_slots(model) if isinstance(getattr(p, a), Linear)]
-    for name, parent, attr in slots:
-        setattr(parent, attr, _Recorder(getattr(parent, attr), name, sink))
-    try:
-        for ids in windows:
-            t = len(ids)
-            tokens = jnp.asarray([ids], jnp.int32)
-            mask = jnp.tril(jnp.ones((t, t), bool))[None]
-            model(tokens, jnp.arange(t)[None], mask)
-    finally:
-        for _, parent, attr in slots:
-            setattr(parent, attr, getattr(parent, attr).inner)
-    return sink
+    def add_gram(h, x):
+        return x.T @ x if h is None else h + x.T @ x
+
+    return record_linear_inputs(model, windows, add_gram)
 
 
 def calibration_windows(ids: Sequence[int], window: int = 512, count: int = 4) -> list[list[int]]:

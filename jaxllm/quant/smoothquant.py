@@ -14,39 +14,19 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from jaxllm.model import Linear, Transformer
-
-
-class _AbsMaxRecorder(nnx.Module):
-    def __init__(self, inner: Linear, name: str, sink: dict):
-        self.inner, self.name, self.sink = inner, name, sink
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        amax = jnp.max(jnp.abs(x.reshape(-1, x.shape[-1])), axis=0)
-        prev = self.sink.get(self.name)
-        self.sink[self.name] = amax if prev is None else jnp.maximum(prev, amax)
-        return self.inner(x)
+from jaxllm.model import Transformer
+from jaxllm.quant.calibrate import record_linear_inputs
 
 
 def input_absmax(model: Transformer, windows: Sequence[Sequence[int]]) -> dict[str, jax.Array]:
     """max |x_j| [I] of every linear layer's inputs over the windows (one eager pass)."""
-    from jaxllm.quant.apply import linear_slots
 
-    sink: dict[str, jax.Array] = {}
-    slots = [(n, p, a) for n, p, a in linear_slots(model) if isinstance(getattr(p, a), Linear)]
-    for name, parent, attr in slots:
-        setattr(parent, attr, _AbsMaxRecorder(getattr(parent, attr), name, sink))
-    try:
-        for ids in windows:
-            t = len(ids)
-            mask = jnp.tril(jnp.ones((t, t), bool))[None]
-            model(jnp.asarray([ids], jnp.int32), jnp.arange(t)[None], mask)
-    finally:
-        for _, parent, attr in slots:
-            setattr(parent, attr, getattr(parent, attr).inner)
-    return sink
+    def fold_max(prev, x):
+        amax = jnp.max(jnp.abs(x), axis=0)
+        return amax if prev is None else jnp.maximum(prev, amax)
+
+    return record_linear_inputs(model, windows, fold_max)
 
 
 def smoothing_factors(act_absmax: jax.Array, weight: jax.Array, alpha: float = 0.5) -> jax.Array:
