@@ -37,7 +37,8 @@ import numpy as np
 MAX_ROWS = 16
 _TARGET = "jaxllm_matvec"
 _SOURCES = [
-    Path(__file__).with_name(n) for n in ("matvec.cc", "paged_attention.cc", "qmatvec.cc", "pool.h")
+    Path(__file__).with_name(n)
+    for n in ("matvec.cc", "paged_attention.cc", "qmatvec.cc", "pool.h", "vec.h")
 ]
 _ATTENTION_TARGET = "jaxllm_paged_attention"
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w", "-pthread"]

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "pool.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -33,22 +34,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxRows = 16;
-constexpr int64_t kLanes = 16;  // one 64-byte cache line of floats
 constexpr int64_t kMinParallelElements = 1 << 16;
 
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-
-inline float Sum(Vec v) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
 
 struct Job {
   const float* x;

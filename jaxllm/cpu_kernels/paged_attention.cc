@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "pool.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -43,14 +44,6 @@ struct Problem {
   float scale;
 };
 
-constexpr int64_t kLanes = 16;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
 
 // Explicit vectors: without -ffast-math the compiler keeps a float reduction scalar.
 inline float Dot(const float* a, const float* b, int64_t d) {

@@ -19,16 +19,15 @@
 #endif
 
 #include "pool.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kLanes = 16;
 constexpr int64_t kMinParallelElements = 1 << 16;
 
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 // 16 codes -> 16 floats. GCC scalarises a generic vector conversion from bytes (it went
 // through general registers one byte at a time, 8x slower than the f32 kernel), so x86 gets
 // the widening instructions by name.
@@ -57,18 +56,6 @@ inline void WidenNibbles(const uint8_t* p, Vec* lo, Vec* hi) {
   }
 }
 #endif
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-
-inline float Sum(Vec v) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
 
 struct Job {
   const float* x;
