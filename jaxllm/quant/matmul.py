@@ -3,7 +3,9 @@
 Weight-only: on CPU, few-row float32 products (decode) go to the native kernel
 `cpu_kernels/qmatvec.cc`, which reads the codes once and widens them in registers. Elsewhere
 the weight is dequantized inside the jitted step (a temporary of the program, never an
-input) and multiplied by the model's own `linear`.
+input) and multiplied by the model's own `linear`, except that on GPU few-row products with
+per-channel int8 weights go to the Pallas kernel `pallas_kernels/quant_matmul.py`
+(`jaxllm/quant/int8_kernel.py` says when).
 
 w8a8: x is quantized per token (row) to int8 on the fly, multiplied with the int8 codes
 accumulating in int32 (`preferred_element_type`: an int8 result would overflow), and the
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 
 from jaxllm import cpu_kernels
 from jaxllm.cpu_kernels import linear
+from jaxllm.quant.int8_kernel import int8_kernel_qlinear, uses_int8_kernel
 from jaxllm.quant.qtensor import QuantizedWeight, dequantize
 
 
@@ -69,6 +72,8 @@ def qlinear(
         xq, xs = quantize_rows(x)
         acc = int8_matmul(xq, w.values).astype(jnp.float32)
         return (acc * xs * w.scale[:, 0].astype(jnp.float32)).astype(x.dtype)
+    if uses_int8_kernel(x, w):  # GPU decode: the Pallas GEMV streams the int8 codes
+        return int8_kernel_qlinear(x, w)
     if uses_native_qmatvec(x, w):
         return native_qlinear(x, w)
     return linear(x, dequantize(w, x.dtype))

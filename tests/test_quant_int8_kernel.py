@@ -1,0 +1,100 @@
+"""The Pallas weight-only int8 matmul (interpret mode) against its jnp reference and against a
+float matmul of the dequantized weight; `qlinear`'s dispatch to it; a quantized model decoding
+through it against the XLA path.
+
+Tolerances: float32 1e-5 relative to the largest output (summation order only); bfloat16 one
+bf16 rounding of the output (2^-8 relative) on top of float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm import JaxLLMError
+from jaxllm.config import ModelConfig
+from jaxllm.generate import Generator
+from jaxllm.model import Transformer, random_params
+from jaxllm.quant import quantize_model
+from jaxllm.quant.int8_kernel import int8_kernel_mode, set_int8_kernel_mode, uses_int8_kernel
+from jaxllm.quant.matmul import qlinear
+from jaxllm.quant.qtensor import dequantize, quantize
+from jaxllm.sampling import SamplingParams
+from pallas_kernels.quant_matmul import fit_block, int8_matmul, int8_matmul_reference
+
+REL_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2.0**-7}
+
+
+def case(m, o, i, dtype, seed=0):
+    kx, kw = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (m, i), jnp.float32).astype(dtype)
+    w = jax.random.normal(kw, (o, i), jnp.float32) * 0.05
+    return x, quantize(w, 8)
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize(
+    "m,o,i,dtype,kw",
+    [
+        (1, 64, 256, jnp.float32, {}),
+        (1, 96, 576, jnp.bfloat16, {}),  # I = 64 * 9: the chunk shrinks to 64
+        (1, 48, 128, jnp.float32, dict(num_splits=4, block_k=16)),
+        (3, 32, 128, jnp.bfloat16, {}),  # rows padded to 16 for the dot
+        (5, 128, 64, jnp.float32, dict(block_o=16, num_splits=2, block_k=16)),
+        (16, 64, 256, jnp.bfloat16, dict(num_splits=2)),
+    ],
+)
+def test_int8_matmul_matches_reference_and_dequantized_float(m, o, i, dtype, kw):
+    x, qw = case(m, o, i, dtype)
+    got = int8_matmul(x, qw.values, qw.scale, interpret=True, **kw)
+    assert got.shape == (m, o) and got.dtype == x.dtype
+    assert rel_err(got, int8_matmul_reference(x, qw.values, qw.scale)) <= REL_TOL[dtype]
+    dequantized = jnp.dot(x.astype(jnp.float32), dequantize(qw).T)
+    assert rel_err(got, dequantized) <= REL_TOL[dtype]
+
+
+def test_int8_matmul_rejects_shapes_it_cannot_tile():
+    x, qw = case(1, 40, 64, jnp.float32)  # 40 has no power-of-two divisor >= 16
+    with pytest.raises(ValueError, match="O=40"):
+        int8_matmul(x, qw.values, qw.scale, interpret=True)
+    x, qw = case(17, 32, 64, jnp.float32)
+    with pytest.raises(ValueError, match="17 rows"):
+        int8_matmul(x, qw.values, qw.scale, interpret=True)
+    assert fit_block(3072, 256) == 256 and fit_block(576, 256) == 64 and fit_block(40, 32) == 0
+
+
+def test_qlinear_dispatch_and_mode_switch():
+    x, qw = case(2, 64, 128, jnp.bfloat16)
+    want = qlinear(x, qw)  # CPU default: dequantize, then XLA's dot
+    with int8_kernel_mode("always"):
+        assert uses_int8_kernel(x, qw)
+        got = qlinear(x[None], qw)[0]  # leading batch axes are flattened into rows
+    assert rel_err(got, want) <= REL_TOL[jnp.bfloat16]
+    assert uses_int8_kernel(x, qw, backend="gpu") and not uses_int8_kernel(x, qw)
+    assert not uses_int8_kernel(jnp.zeros((17, 128), jnp.bfloat16), qw, backend="gpu")
+    assert not uses_int8_kernel(x, quantize(dequantize(qw), 8, 32), backend="gpu")
+    assert not uses_int8_kernel(x, quantize(dequantize(qw), 4, 32), backend="gpu")
+    with int8_kernel_mode("never"):
+        assert not uses_int8_kernel(x, qw, backend="gpu")
+    with pytest.raises(JaxLLMError, match="'sometimes'"):
+        set_int8_kernel_mode("sometimes")
+
+
+def test_int8_model_decodes_the_same_through_the_kernel():
+    cfg = ModelConfig.from_yaml("tiny")
+    params = random_params(cfg, scale=0.1)
+    prompts = [list(range(3, 20))]
+    sp = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)]
+    runs = {}
+    for mode in ("never", "always"):
+        with int8_kernel_mode(mode):  # the mode is read when the generator traces
+            gen = Generator(quantize_model(Transformer(cfg, params), "int8"))
+            runs[mode] = (gen.generate(prompts, sp)[0].token_ids, gen.logits(prompts[0]))
+    assert runs["always"][0] == runs["never"][0]
+    assert rel_err(runs["always"][1], runs["never"][1]) <= 1e-5
