@@ -77,10 +77,21 @@ def _weights(model: str):
     return load_model(model, log=lambda *a: None)  # random weights: made once, reused
 
 
-def decode_check(model: str, batch: int, new_tokens: int, dtype: str, attention: str = "auto"):
-    """(decode tok/s, prefill tok/s) of the static generator, prompts of 128 tokens."""
+def decode_check(
+    model: str,
+    batch: int,
+    new_tokens: int,
+    dtype: str,
+    attention: str = "auto",
+    quant: str | None = None,
+    mode: str = "auto",
+):
+    """(decode tok/s, prefill tok/s) of the static generator, prompts of 128 tokens.
+    `quant`: a quantization recipe; `mode`: the int8 kernel mode while it compiles."""
     from jaxllm.generate import Generator
     from jaxllm.model import Transformer
+    from jaxllm.quant import quantize_model
+    from jaxllm.quant.int8_kernel import int8_kernel_mode
     from jaxllm.sampling import SamplingParams
 
     loaded = _weights(model)
@@ -88,10 +99,13 @@ def decode_check(model: str, batch: int, new_tokens: int, dtype: str, attention:
         loaded.config, loaded.params, dtype=jnp.dtype(dtype), attention=attention,
         rope_factors=loaded.rope_factors,
     )  # fmt: skip
+    if quant is not None:
+        net = quantize_model(net, quant)
     gen = Generator(net)
     prompts = [list(range(1, 129))] * batch
     p = [SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)] * batch
-    gen.generate(prompts, p)
+    with int8_kernel_mode(mode):  # read while the generator's steps are traced
+        gen.generate(prompts, p)
     gen.generate(prompts, p)
     t = gen.last_timings
     return t.decode_steps * batch / t.decode_s, batch * 128 / t.prefill_s
@@ -102,11 +116,16 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--tune", action="store_true", help="also sweep paged-decode launches")
+    ap.add_argument("--int8-only", action="store_true", help="only the int8 weight-only rows")
     args = ap.parse_args()
+    import int8_check  # benchmarks/int8_check.py: int8 GEMV and decode rows
     import kernels  # benchmarks/kernels.py: kernel checks and throughput tables
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
     t0 = time.perf_counter()
+    if args.int8_only:
+        int8_check.run(decode_check, args.quick)
+        return 1 if kernels.FAILED else 0
     kernels.checks(args.quick)
     print(f"(checks took {time.perf_counter() - t0:.0f} s)", flush=True)
     kernels.flash_table(args.quick)
@@ -124,11 +143,15 @@ def main():
         "\n| decode (random weights) | batch | dtype | attention | decode tok/s | prefill tok/s |"
     )
     print("|---|---|---|---|---|---|")
+    float_batch1 = None  # the int8 rows' baseline
     for model, batch, new in decode:
         for dt in dtypes:
             for attn in ("xla", "flash"):
                 tps, pps = decode_check(model, batch, new, dt, attn)
                 print(f"| {model} | {batch} | {dt} | {attn} | {tps:.1f} | {pps:.0f} |", flush=True)
+                if batch == 1 and attn == "xla":
+                    float_batch1 = tps
+    int8_check.run(decode_check, args.quick, float_batch1)
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     if kernels.FAILED:
         print(f"FAILED checks: {kernels.FAILED}")
