@@ -132,6 +132,7 @@ def main():
     kernels.paged_table(args.quick)
     if args.tune:
         kernels.paged_tuning(args.quick)
+    int8_check.gemv_table(args.quick)
     print(f"(kernel tables done at {time.perf_counter() - t0:.0f} s)", flush=True)
     if args.no_decode:
         return 1 if kernels.FAILED else 0
@@ -151,7 +152,7 @@ def main():
                 print(f"| {model} | {batch} | {dt} | {attn} | {tps:.1f} | {pps:.0f} |", flush=True)
                 if batch == 1 and attn == "xla":
                     float_batch1 = tps
-    int8_check.run(decode_check, args.quick, float_batch1)
+    int8_check.decode_rows(decode_check, args.quick, float_batch1)
     print(f"(total {time.perf_counter() - t0:.0f} s)")
     if kernels.FAILED:
         print(f"FAILED checks: {kernels.FAILED}")

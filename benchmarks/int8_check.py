@@ -90,12 +90,13 @@ def gemv_table(quick: bool) -> None:
         )
 
 
-def decode_rows(
-    decode_check, model: str, new_tokens: int, dtype: str, bf16_tps: float | None
-) -> None:
-    """Batch-1 decode of `model` (random weights): `dtype` floats vs int8 weight-only through
-    XLA's dequantize and through the Pallas kernel. `decode_check`: gpu_check's (it holds the
-    random weights); `bf16_tps`: the float row if already measured."""
+def decode_rows(decode_check, quick: bool, bf16_tps: float | None = None) -> None:
+    """Batch-1 decode (llama-3.2-1b, random weights; tiny with `quick`): float weights vs int8
+    weight-only through XLA's dequantize and through the Pallas kernel. `decode_check`:
+    gpu_check's (it holds the random weights); `bf16_tps`: the float row if already measured."""
+    model, new_tokens, dtype = (
+        ("tiny", 16, "float32") if quick else ("llama-3.2-1b", 128, "bfloat16")
+    )
     t0 = time.perf_counter()
     if bf16_tps is None:
         bf16_tps, _ = decode_check(model, 1, new_tokens, dtype, "xla")
@@ -114,10 +115,9 @@ def decode_rows(
     print(f"(int8 decode rows took {time.perf_counter() - t0:.0f} s)")
 
 
-def run(decode_check, quick: bool, bf16_tps: float | None = None) -> None:
+def run(decode_check, quick: bool) -> None:
     """The GEMV table, then the decode rows (`decode_check`: gpu_check's)."""
     t0 = time.perf_counter()
     gemv_table(quick)
     print(f"(GEMV table took {time.perf_counter() - t0:.0f} s)", flush=True)
-    model, new, dtype = ("tiny", 16, "float32") if quick else ("llama-3.2-1b", 128, "bfloat16")
-    decode_rows(decode_check, model, new, dtype, bf16_tps)
+    decode_rows(decode_check, quick)

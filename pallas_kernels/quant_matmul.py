@@ -46,6 +46,11 @@ def fit_block(n: int, want: int) -> int:
     return b if b >= MIN_BLOCK else 0
 
 
+def compiles_on_gpu() -> bool:
+    """Whether this jax still has the Triton lowering the kernel is written for."""
+    return gpu_compiler_params(4, 3) is not None
+
+
 def supports(rows: int, n_out: int, n_in: int) -> bool:
     """Whether `int8_matmul` takes these shapes (rows M, codes [O, I]) with its default blocks."""
     return 0 < rows <= MAX_ROWS and fit_block(n_out, BLOCK_O) > 0 and fit_block(n_in, BLOCK_K) > 0

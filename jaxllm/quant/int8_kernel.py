@@ -56,6 +56,8 @@ def uses_int8_kernel(x: jax.Array, w: QuantizedWeight, backend: str | None = Non
     (default: jax's)."""
     if _mode == "never" or (_mode == "auto" and (backend or jax.default_backend()) != "gpu"):
         return False
+    if _mode == "auto" and not quant_matmul.compiles_on_gpu():
+        return False
     o, i = w.shape
     rows = math.prod(x.shape[:-1])
     return (
