@@ -3,6 +3,7 @@
 
     bash benchmarks/gpu_check.sh          # on a GPU machine (prints a table)
     python benchmarks/gpu_check.py --quick  # tiny shapes, any backend (a smoke test)
+    bash benchmarks/gpu_check.sh --int8-only  # only the int8 weight-only rows (int8_check.py)
 
 Random weights at real shapes (no checkpoint is needed: the GPU machines have no network).
 """
