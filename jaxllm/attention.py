@@ -80,8 +80,9 @@ def _paged_kernel(q, k_pages, v_pages, meta, *, sm_scale):
     )  # fmt: skip
 
 
-def paged_uses_native_cpu(group: int, page_size: int, dtype) -> bool:
-    """Whether the engine's `xla` attention runs the native CPU kernel (else the jnp split)."""
+def paged_uses_native_cpu(group: int, page_size: int, dtype, head_dim: int | None = None) -> bool:
+    """Whether the engine's `xla` attention runs the native CPU kernel (else the jnp split).
+    The kernel computes in 16-float vectors: `head_dim` must be a multiple of 16."""
     from jaxllm import cpu_kernels
 
     return (
@@ -89,6 +90,7 @@ def paged_uses_native_cpu(group: int, page_size: int, dtype) -> bool:
         and jnp.dtype(dtype) == jnp.float32
         and group <= 16
         and page_size <= 256
+        and (head_dim is None or head_dim % 16 == 0)
         and cpu_kernels.available()
     )
 
@@ -99,7 +101,7 @@ def _paged_xla(q, k_pages, v_pages, meta, *, sm_scale):
 
     group, page_size = q.shape[1] // k_pages.shape[0], k_pages.shape[2]
     if q.dtype == k_pages.dtype and paged_uses_native_cpu(
-        group, page_size, q.dtype
+        group, page_size, q.dtype, q.shape[-1]
     ):  # one pass over each sequence's pages, on every core
         return cpu_kernels.paged_attention(
             q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens,

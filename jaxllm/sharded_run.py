@@ -217,7 +217,12 @@ def shard_engine(engine: Any, mesh: Mesh) -> Any:
     runner.pages = jax.device_put(runner.pages, page_sharding)
     with cpu_kernels.einsum_only():
         runner.split = resolve_backend(_runner_attention(engine)) == "xla" and not (
-            paged_uses_native_cpu(engine.model_config.group_size, runner.page_size, jnp.float32)
+            paged_uses_native_cpu(
+                engine.model_config.group_size,
+                runner.page_size,
+                jnp.float32,
+                engine.model_config.head_dim,
+            )
         )
     impl, whole = runner._step_impl, NamedSharding(mesh, R.spec(()))
 

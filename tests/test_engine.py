@@ -265,3 +265,31 @@ def test_cpu_paged_attention_matches_reference(native):
         got = split_paged_attention(q, kp, vp, meta, sm_scale=0.125)
     assert not bool(jnp.isnan(got).any())
     assert max_err(got, want) <= 2e-5
+
+
+@pytest.mark.parametrize(
+    "kv_heads,group,dim,page,kv_lens,q_lens",
+    [
+        (2, 1, 16, 8, [1, 33, 17], [1, 33, 1]),  # MHA, pages of 8: half-chunk tails
+        (1, 4, 128, 32, [70, 5, 200], [70, 1, 3]),  # MQA, wide heads, pages of 32
+        (2, 8, 32, 16, [16, 15, 48, 0], [16, 15, 1, 0]),  # chunk edges, an empty sequence
+    ],
+)
+def test_native_paged_attention_shapes(kv_heads, group, dim, page, kv_lens, q_lens):
+    """The native kernel scores keys 16 at a time: page tails, GQA widths and head sizes
+    against the jnp reference."""
+    import jax.numpy as jnp
+
+    from jaxllm import cpu_kernels
+    from pallas_kernels.reference import ragged_paged_attention_reference
+    from tests.test_kernels import max_err, ragged_inputs
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ compiler: the native kernel is not built")
+    s = len(kv_lens)
+    args = ragged_inputs(
+        kv_heads * group, kv_heads, dim, page, kv_lens, q_lens, jnp.float32, pad=0
+    )
+    want = ragged_paged_attention_reference(*args, s, sm_scale=dim**-0.5)
+    got = cpu_kernels.paged_attention(*args, s, sm_scale=dim**-0.5)
+    assert max_err(got, want) <= 2e-5

@@ -188,7 +188,7 @@ def paged_attention(
     sm_scale: float,
 ) -> jax.Array:
     """`ragged_paged_attention` on CPU through `paged_attention.cc` (float32; G <= 16, page
-    size <= 256). q [T, H, D], pages [K, P, page, D] -> [T, H, D]. Call only where
+    size <= 256, head_dim a multiple of 16). q [T, H, D], pages [K, P, page, D] -> [T, H, D]. Call only where
     `available()`; the jnp reference is its oracle."""
     t, h, d = q.shape
     kh = k_pages.shape[0]

@@ -45,70 +45,132 @@ struct Problem {
 };
 
 
-// Explicit vectors: without -ffast-math the compiler keeps a float reduction scalar.
-inline float Dot(const float* a, const float* b, int64_t d) {
-  Vec acc0 = {}, acc1 = {};
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= d; i += 2 * kLanes) {
-    acc0 += Load(a + i) * Load(b + i);
-    acc1 += Load(a + i + kLanes) * Load(b + i + kLanes);
+typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Select(IVec mask, Vec a, Vec b) { return mask ? a : b; }
+
+// Lane j of the result is the sum of the lanes of v[j] (a transposing tree of shuffles):
+// 16 dot products finish in 30 shuffles instead of 16 serial horizontal sums.
+inline Vec SumEach(const Vec* v) {
+  Vec w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i) {
+    const Vec a = v[2 * i], b = v[2 * i + 1];
+    w[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
   }
-  for (; i + kLanes <= d; i += kLanes) acc0 += Load(a + i) * Load(b + i);
-  acc0 += acc1;
-  float s = 0.f;
-  for (int64_t j = 0; j < kLanes; ++j) s += acc0[j];
-  for (; i < d; ++i) s += a[i] * b[i];
-  return s;
+  for (int i = 0; i < 4; ++i) {
+    const Vec a = w[2 * i], b = w[2 * i + 1];
+    x[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const Vec a = x[2 * i], b = x[2 * i + 1];
+    y[i] = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
 }
 
+inline float MaxOf(Vec v) {
+  v = Select(v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5,
+                                         6, 7),
+             v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+inline float SumOf(Vec v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return v[0] + v[1];
+}
+
+// exp of each lane for x <= 0 (scores less their running maximum), relative error ~2e-7;
+// lanes below -87 (masked keys: -inf) give 0. std::exp is a scalar libm call per key.
+inline Vec Exp(Vec x) {
+  const IVec dead = x < -87.0f;
+  x = Select(dead, Vec{} - 87.0f, x);
+  const Vec n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;       // x - n ln 2, two parts
+  Vec p = Vec{} + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;  // 2^n
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(Vec));
+  return Select(dead, Vec{}, p * scale);
+}
+
+// One item: its rows * G query vectors walk the sequence's pages in chunks of kLanes keys.
+// Each chunk's scores come out as one vector per query (SumEach), its exponentials are taken
+// together, and the online-softmax rescale happens once per chunk.
 void RunItem(const Problem& p, const Item& it) {
-  const int64_t g = p.g, d = p.d, page = p.page;
-  const int64_t rows = it.rows * g;  // query vectors in this item
+  const int64_t g = p.g, d = p.d, page = p.page, nv = d / kLanes;
+  const int64_t nq = it.rows * g;  // query vectors in this item
   const int32_t kv_len = p.kv_lens[it.seq];
   const int32_t q_len = p.cu[it.seq + 1] - p.cu[it.seq];
   const int64_t first_pos = kv_len - q_len + it.row0;  // position of the item's first row
   const int64_t last_pos = first_pos + it.rows - 1;
-  std::vector<float> acc(rows * d, 0.f), m(rows, -INFINITY), l(rows, 0.f);
-  std::vector<float> qs(rows * d), scores(rows * kMaxPage);
+  std::vector<Vec> qs(nq * nv), acc(nq * nv, Vec{});
+  std::vector<float> m(nq, -INFINITY), l(nq, 0.f);
   for (int64_t r = 0; r < it.rows; ++r) {
     const int64_t t = p.cu[it.seq] + it.row0 + r;
     for (int64_t gi = 0; gi < g; ++gi) {
       const float* src = p.q + ((t * p.kh + it.head) * g + gi) * d;
-      for (int64_t i = 0; i < d; ++i) qs[(r * g + gi) * d + i] = src[i] * p.scale;
+      for (int64_t v = 0; v < nv; ++v) qs[(r * g + gi) * nv + v] = Load(src + v * kLanes) * p.scale;
     }
   }
+  IVec lane;
+  for (int i = 0; i < kLanes; ++i) lane[i] = i;
   const int32_t* table = p.tables + static_cast<int64_t>(it.seq) * p.maxp;
   const int64_t n_pages = last_pos / page + 1;
+  Vec part[kLanes];
   for (int64_t pi = 0; pi < n_pages; ++pi) {
     const int64_t base = pi * page;
     const int64_t n_keys = std::min<int64_t>(page, last_pos + 1 - base);
     const int64_t off = ((it.head * p.pages) + table[pi]) * page * d;
-    const float* kp = p.k + off;
-    const float* vp = p.v + off;
-    for (int64_t r = 0; r < it.rows; ++r) {
-      const int64_t visible = std::min<int64_t>(n_keys, first_pos + r + 1 - base);
-      for (int64_t gi = 0; gi < g; ++gi) {
-        const int64_t qi = r * g + gi;
-        float* sc = scores.data() + qi * kMaxPage;
-        float page_max = -INFINITY;
-        for (int64_t j = 0; j < visible; ++j) {
-          sc[j] = Dot(qs.data() + qi * d, kp + j * d, d);
-          page_max = std::max(page_max, sc[j]);
-        }
+    for (int64_t c0 = 0; c0 < n_keys; c0 += kLanes) {
+      const int64_t nk = std::min<int64_t>(kLanes, n_keys - c0);
+      const float* kp = p.k + off + c0 * d;
+      const float* vp = p.v + off + c0 * d;
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const int64_t r = qi / g;
+        const int64_t visible = std::min<int64_t>(nk, first_pos + r + 1 - base - c0);
         if (visible <= 0) continue;
-        const float m_new = std::max(m[qi], page_max);
-        const float alpha = std::exp(m[qi] - m_new);
-        float* a = acc.data() + qi * d;
-        if (alpha != 1.f) {
-          for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
-          l[qi] *= alpha;
+        const Vec* q = qs.data() + qi * nv;
+        for (int64_t j = 0; j < kLanes; ++j) {
+          Vec a = {};
+          if (j < visible) {
+            const float* kj = kp + j * d;
+            for (int64_t v = 0; v < nv; ++v) a += q[v] * Load(kj + v * kLanes);
+          }
+          part[j] = a;
         }
+        const Vec s = Select(lane < static_cast<int32_t>(visible), SumEach(part),
+                             Vec{} - INFINITY);
+        const float m_new = std::max(m[qi], MaxOf(s));
+        const float alpha = std::exp(m[qi] - m_new);  // 0 on the first chunk (m = -inf)
+        const Vec e = Exp(s - m_new);
+        l[qi] = l[qi] * alpha + SumOf(e);
         m[qi] = m_new;
+        Vec* a = acc.data() + qi * nv;
+        if (alpha != 1.f) {
+          for (int64_t v = 0; v < nv; ++v) a[v] *= alpha;
+        }
         for (int64_t j = 0; j < visible; ++j) {
-          const float e = std::exp(sc[j] - m_new);
-          l[qi] += e;
+          const float ej = e[j];
           const float* vj = vp + j * d;
-          for (int64_t i = 0; i < d; ++i) a[i] += e * vj[i];
+          for (int64_t v = 0; v < nv; ++v) a[v] += ej * Load(vj + v * kLanes);
         }
       }
     }
@@ -119,7 +181,10 @@ void RunItem(const Problem& p, const Item& it) {
       const int64_t qi = r * g + gi;
       float* dst = p.out + ((t * p.kh + it.head) * g + gi) * d;
       const float inv = l[qi] > 0.f ? 1.f / l[qi] : 0.f;
-      for (int64_t i = 0; i < d; ++i) dst[i] = acc[qi * d + i] * inv;
+      for (int64_t v = 0; v < nv; ++v) {
+        const Vec o = acc[qi * nv + v] * inv;
+        std::memcpy(dst + v * kLanes, &o, sizeof(Vec));
+      }
     }
   }
 }
@@ -139,7 +204,8 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages
   Problem p{q.typed_data(),        k_pages.typed_data(),   v_pages.typed_data(),
             kv_lens.typed_data(),  block_tables.typed_data(), cu_q_lens.typed_data(),
             out->typed_data(),     qd[1], qd[2], qd[3], kd[1], kd[2], bd[1], scale};
-  if (p.g > kMaxG || p.page > kMaxPage || kd[0] != p.kh || kd[3] != p.d) {
+  if (p.g > kMaxG || p.page > kMaxPage || kd[0] != p.kh || kd[3] != p.d ||
+      p.d % kLanes != 0) {
     return ffi::Error::InvalidArgument("JaxllmPagedAttention: unsupported shapes");
   }
   std::memset(p.out, 0, out->size_bytes());

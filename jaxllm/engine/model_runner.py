@@ -82,7 +82,7 @@ class ModelRunner:
         # The decode/prefill split metadata is only read by the jnp CPU path; leaving it
         # empty otherwise keeps it out of the compiled shapes.
         self.split = resolve_backend(model.attention) == "xla" and not paged_uses_native_cpu(
-            self.config.group_size, page_size, cache_dtype
+            self.config.group_size, page_size, cache_dtype, self.config.head_dim
         )
         self.compiled_shapes: set[tuple[int, ...]] = set()
 
