@@ -287,9 +287,7 @@ def test_native_paged_attention_shapes(kv_heads, group, dim, page, kv_lens, q_le
     if not cpu_kernels.available():
         pytest.skip("no C++ compiler: the native kernel is not built")
     s = len(kv_lens)
-    args = ragged_inputs(
-        kv_heads * group, kv_heads, dim, page, kv_lens, q_lens, jnp.float32, pad=0
-    )
+    args = ragged_inputs(kv_heads * group, kv_heads, dim, page, kv_lens, q_lens, jnp.float32, pad=0)
     want = ragged_paged_attention_reference(*args, s, sm_scale=dim**-0.5)
     got = cpu_kernels.paged_attention(*args, s, sm_scale=dim**-0.5)
     assert max_err(got, want) <= 2e-5

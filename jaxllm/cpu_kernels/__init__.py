@@ -188,8 +188,8 @@ def paged_attention(
     sm_scale: float,
 ) -> jax.Array:
     """`ragged_paged_attention` on CPU through `paged_attention.cc` (float32; G <= 16, page
-    size <= 256, head_dim a multiple of 16). q [T, H, D], pages [K, P, page, D] -> [T, H, D]. Call only where
-    `available()`; the jnp reference is its oracle."""
+    size <= 256, head_dim a multiple of 16). q [T, H, D], pages [K, P, page, D] -> [T, H, D].
+    Call only where `available()`; the jnp reference is its oracle."""
     t, h, d = q.shape
     kh = k_pages.shape[0]
     out = jax.ShapeDtypeStruct((t, kh, h // kh, d), jnp.float32)
