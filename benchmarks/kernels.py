@@ -6,7 +6,8 @@
 Flash attention (forward, and forward+backward) is timed beside
 `jax.nn.dot_product_attention` with implementation='cudnn' and 'xla' (and
 `tokamax.dot_product_attention` when importable); paged decode beside the jnp reference (XLA
-gather + attention), as GB/s of K/V read against the chip's HBM peak.
+gather + attention), as GB/s of K/V read against the chip's HBM peak; one row reads int8
+pages (codes + per-token scales, the int8 KV cache) beside the same pool in bf16.
 """
 
 from __future__ import annotations
@@ -76,6 +77,20 @@ def random_paged(key, b, h, kh, d, page_size, ctx, dtype, lengths=None):
     return q, kp, vp, jnp.asarray(lengths, jnp.int32), tables
 
 
+def int8_pages(pages):
+    """float pages [K, P, page, D] -> (int8 codes, float32 scales [K, P, page]) with one absmax
+    scale per token per head, as `jaxllm.quant.kv.quantize_kv` makes them (jaxllm is not
+    imported here: its YAML/tokenizer needs may be missing on a bare GPU machine)."""
+    x = pages.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def dequantized(codes, scale):
+    return codes.astype(jnp.float32) * scale[..., None]
+
+
 def checks(quick: bool) -> None:
     print("\n| check | max abs err vs reference | tolerance | |\n|---|---|---|---|")
     key = jax.random.PRNGKey(0)
@@ -120,6 +135,21 @@ def checks(quick: bool) -> None:
             lambda *a: ragged_paged_attention_reference(*a, sm_scale=128**-0.5), static_argnums=6
         )(*ra)
         report(f"ragged {jnp.dtype(dtype).name} q_lens={q_lens}", got, want, tol)
+        # int8 pages read in place against the float reference on the dequantized pool.
+        (kc, ks), (vc, vs) = int8_pages(args[1]), int8_pages(args[2])
+        kd, vd = dequantized(kc, ks), dequantized(vc, vs)
+        got = jax.jit(paged_attention)(args[0], kc, vc, args[3], args[4], k_scales=ks, v_scales=vs)
+        want = jax.jit(lambda *a: paged_attention_reference(*a, sm_scale=128**-0.5))(
+            args[0].astype(jnp.float32), kd, vd, args[3], args[4]
+        )
+        report(f"paged int8 pages, q {jnp.dtype(dtype).name} lengths={lengths}", got, want, tol)
+        got = jax.jit(ragged_paged_attention, static_argnums=6)(
+            q, kc, vc, args[3], args[4], cu, b, k_scales=ks, v_scales=vs
+        )
+        want = jax.jit(
+            lambda *a: ragged_paged_attention_reference(*a, sm_scale=128**-0.5), static_argnums=6
+        )(q.astype(jnp.float32), kd, vd, args[3], args[4], cu, b)
+        report(f"ragged int8 pages, q {jnp.dtype(dtype).name} q_lens={q_lens}", got, want, tol)
 
 
 def flash_table(quick: bool) -> None:
@@ -212,6 +242,55 @@ def paged_table(quick: bool) -> None:
             f"{kv_bytes / t_r / 1e9:.0f} |",
             flush=True,
         )
+    paged_int8_row(quick)
+
+
+def paged_int8_row(quick: bool) -> None:
+    """One shape: decode over int8 pages (codes + scales) against the same pool in bf16."""
+    kind, peak = device_peak()
+    b, ctx, h, kh, d, page = (2, 256, 8, 2, 64, 16) if quick else (64, 4096, 32, 8, 128, 16)
+    q, kp, vp, lens, tables = random_paged(
+        jax.random.PRNGKey(4), b, h, kh, d, page, ctx, jnp.bfloat16
+    )
+    (kc, ks), (vc, vs) = int8_pages(kp), int8_pages(vp)
+    tokens = b * ctx * kh  # per K and per V
+    bytes_bf16 = 2 * tokens * d * 2
+    bytes_int8 = 2 * tokens * (d + 4)  # codes and one float32 scale per token per head
+    ours = jax.jit(paged_attention)
+    int8 = jax.jit(lambda q, k, v, n, t, ks, vs: paged_attention(q, k, v, n, t, k_scales=ks,
+                                                                 v_scales=vs))  # fmt: skip
+    ref = jax.jit(
+        lambda q, k, v, n, t, ks, vs: paged_attention_reference(
+            q, k, v, n, t, sm_scale=d**-0.5, k_scales=ks, v_scales=vs
+        )
+    )
+    want = jax.jit(lambda *a: paged_attention_reference(*a, sm_scale=d**-0.5))(
+        q.astype(jnp.float32), dequantized(kc, ks), dequantized(vc, vs), lens, tables
+    )
+    print("\n| check | max abs err vs reference | tolerance | |\n|---|---|---|---|")
+    got = int8(q, kc, vc, lens, tables, ks, vs)
+    report(f"paged int8 pages B={b} ctx={ctx} vs dequantized pool", got, want, 3e-2)
+    t_bf16 = timed(ours, q, kp, vp, lens, tables)
+    t_int8 = timed(int8, q, kc, vc, lens, tables, ks, vs)
+    t_ref = timed(ref, q, kc, vc, lens, tables, ks, vs)
+    pct = lambda gbs: f"{100 * gbs / (peak * 1e3):.0f}%" if peak else "-"
+    print(
+        f"\n| paged decode {kind}, int8 vs bf16 pages, B={b}, ctx={ctx}, H={h}, K={kh}, D={d}, "
+        f"page={page} | pages | K/V MB | µs | GB/s | % of HBM peak | bf16 µs / this µs |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    rows = (
+        ("jaxllm, bf16", bytes_bf16, t_bf16),
+        ("jaxllm, int8 + scales", bytes_int8, t_int8),
+        ("reference (XLA), int8 + scales", bytes_int8, t_ref),
+    )
+    for name, nbytes, t in rows:
+        gbs = nbytes / t / 1e9
+        print(
+            f"| {name} | {'int8' if nbytes == bytes_int8 else 'bf16'} | {nbytes / 1e6:.1f} | "
+            f"{t * 1e6:.0f} | {gbs:.0f} | {pct(gbs)} | {t_bf16 / t:.2f} |",
+            flush=True,
+        )
 
 
 def paged_tuning(quick: bool) -> None:
@@ -242,6 +321,34 @@ def paged_tuning(quick: bool) -> None:
         best = max(best, (gbs, (ppb, sp, w, st)))
         print(f"| | {ppb} | {sp} | {w} | {st} | {gbs:.0f} |", flush=True)
     print(f"best: {best}")
+    paged_int8_tuning(quick)
+
+
+def paged_int8_tuning(quick: bool) -> None:
+    """Decode over int8 pages at batch 64, context 4096 over pages per block and splits (GPU):
+    an int8 tile is half the bytes of a bf16 one, so the best block may differ."""
+    b, ctx, h, kh, d, page = (64, 4096, 32, 8, 128, 16) if not quick else (2, 256, 8, 2, 64, 16)
+    q, kp, vp, lens, tables = random_paged(
+        jax.random.PRNGKey(3), b, h, kh, d, page, ctx, jnp.bfloat16
+    )
+    (kc, ks), (vc, vs) = int8_pages(kp), int8_pages(vp)
+    t_bf16 = timed(jax.jit(paged_attention), q, kp, vp, lens, tables)
+    print(f"\n| int8 pages tuning B={b} ctx={ctx} (bf16 default: {t_bf16 * 1e6:.0f} µs) | "
+          "pages/block | splits | µs | bf16 µs / this µs |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    grid = [(4, 1)] if quick else [(ppb, sp) for ppb in (4, 8, 16) for sp in (1, 2, 4)]
+    for ppb, sp in grid:
+        f = jax.jit(
+            lambda q, k, v, n, t, ks, vs, ppb=ppb, sp=sp: paged_attention(
+                q, k, v, n, t, k_scales=ks, v_scales=vs, pages_per_block=ppb, num_splits=sp
+            )
+        )
+        try:
+            t = timed(f, q, kc, vc, lens, tables, ks, vs)
+        except Exception as e:  # a launch choice may not compile; report it and go on
+            print(f"| | {ppb} | {sp} | error: {type(e).__name__} | |")
+            continue
+        print(f"| | {ppb} | {sp} | {t * 1e6:.0f} | {t_bf16 / t:.2f} |", flush=True)
 
 
 def main() -> int:

@@ -70,13 +70,15 @@ _BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla, "flash": _flash, 
 
 
 def _paged_kernel(q, k_pages, v_pages, meta, *, sm_scale):
-    from jaxllm.quant.kv import read_kv
+    from jaxllm.quant.kv import QuantizedKV
 
-    # The Pallas kernel reads float pages: an int8 pool is dequantized whole before the call.
-    k_pages, v_pages = read_kv(k_pages, q.dtype), read_kv(v_pages, q.dtype)
+    scales = {}
+    if isinstance(k_pages, QuantizedKV):  # int8 pages go in as they are, scales beside them
+        scales = {"k_scales": k_pages.scale, "v_scales": v_pages.scale}
+        k_pages, v_pages = k_pages.values, v_pages.values
     return ragged_paged_attention(
         q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
-        sm_scale=sm_scale,
+        sm_scale=sm_scale, **scales,
     )  # fmt: skip
 
 

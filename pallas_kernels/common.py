@@ -56,12 +56,15 @@ def online_softmax_init(rows: int, d: int):
     )
 
 
-def online_softmax_step(carry, s, v, valid=None):
+def online_softmax_step(carry, s, v, valid=None, v_scale=None):
     """Fold one key tile into the running (acc, m, l), in base 2.
 
     s: [rows, keys] float32 scores already multiplied by sm_scale * log2(e); v: [keys, D];
     valid: bool broadcastable to s, or None when every key is visible. Masked keys get exactly
     zero weight, so a tile with no visible key leaves the carry's output unchanged.
+    v_scale: [1, keys] float32 per-key scales of an int8 value tile (v holds its codes, cast
+    to the dot's dtype): sum_k p_k (v_k * scale_k) is computed as sum_k (p_k * scale_k) v_k, so
+    the tile is never scaled element by element.
     """
     acc, m, l = carry
     if valid is not None:
@@ -71,8 +74,13 @@ def online_softmax_step(carry, s, v, valid=None):
     if valid is not None:
         p = jnp.where(valid, p, 0.0)
     alpha = jnp.exp2(m - m_new)
+    weights = p
+    if v_scale is not None:
+        weights = p * v_scale
+        if valid is not None:  # a hidden slot's scale may be anything, NaN included
+            weights = jnp.where(valid, weights, 0.0)
     pv = lax.dot_general(
-        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        weights.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
     return acc * alpha[:, None] + pv, m_new, l * alpha + jnp.sum(p, axis=1)
 

@@ -9,6 +9,10 @@ Work is cut into query tiles of `block_q` tokens that never straddle two sequenc
 holds all G query heads of one KV head, so each page is read once per group. The tile list is
 built on device from cu_q_lens (its length is a static bound: tokens / block_q + sequences),
 and outputs land in a per-tile buffer that one gather puts back in token order.
+
+int8 pages (codes plus float32 scales [K, num_pages, page_size], as `paged_attention` takes
+them) are read in place: each program loads int8 tiles and their scale rows and applies the key
+scales to the scores and the value scales to the softmax weights.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pallas_kernels.common import (
     online_softmax_step,
     resolve_platform,
 )
-from pallas_kernels.paged_attention import safe_block_tables
+from pallas_kernels.paged_attention import check_page_scales, safe_block_tables
 
 
 def ragged_paged_attention(
@@ -42,6 +46,8 @@ def ragged_paged_attention(
     cu_q_lens: jax.Array,
     num_seqs: jax.Array | int,
     *,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
     sm_scale: float | None = None,
     sliding_window: int | None = None,
     block_q: int | None = None,
@@ -59,6 +65,8 @@ def ragged_paged_attention(
       cu_q_lens: [S + 1] int32 offsets of each sequence's queries in q (non-decreasing).
       num_seqs: sequences in use (the rest of the S slots are ignored); rows of q past
         cu_q_lens[num_seqs] come back as zeros.
+      k_scales, v_scales: [K, num_pages, page_size] float32 scales of int8 pages (both or
+        neither); the codes are cast to q's dtype and scaled inside the kernel.
       sliding_window: hide keys this many positions or more behind a query.
       block_q: query tokens per tile (default: 64 query rows per tile across the group).
       pages_per_block: pages per key tile (default: 64 keys).
@@ -76,6 +84,7 @@ def ragged_paged_attention(
             f"[S, pages]; got {cu_q_lens.shape} and {block_tables.shape}"
         )
     g = check_gqa(h, kh, "ragged_paged_attention")
+    scales = check_page_scales(k_pages, k_scales, v_scales, "ragged_paged_attention")
     sm_scale = float(d**-0.5 if sm_scale is None else sm_scale)
     _, interpret = resolve_platform(platform, interpret)
     gp = next_pow2(g)
@@ -111,6 +120,7 @@ def ragged_paged_attention(
         qg,
         k_pages,
         v_pages,
+        scales,
         jnp.where(live, kv_lens, 0),
         tables,
         meta,
@@ -129,9 +139,11 @@ def ragged_paged_attention(
     return jnp.where(row_live[:, None, None], res, 0).astype(q.dtype)
 
 
-def _ragged_kernel(
-    meta_ref, q_ref, k_ref, v_ref, len_ref, bt_ref, o_ref, *, sm_scale, window, bq, ppb
-):
+def _ragged_kernel(*refs, sm_scale, window, bq, ppb, quantized):
+    if quantized:
+        meta_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, len_ref, bt_ref, o_ref = refs
+    else:
+        meta_ref, q_ref, k_ref, v_ref, len_ref, bt_ref, o_ref = refs
     kvh = pl.program_id(1)
     seq, qstart, nrows, pos0 = meta_ref[0, 0], meta_ref[0, 1], meta_ref[0, 2], meta_ref[0, 3]
     kv_len = len_ref[seq]
@@ -150,25 +162,34 @@ def _ragged_kernel(
 
     def body(j, carry):
         pages = bt_ref[seq, pl.ds(j * ppb, ppb)]
-        k = k_ref[kvh, pages].reshape(bk, d)
+        k, v = k_ref[kvh, pages].reshape(bk, d), v_ref[kvh, pages].reshape(bk, d)
+        if quantized:  # int8 codes are exact in bf16 and f32
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        v_scale = None
+        if quantized:  # q . (code * scale) = (q . code) * scale: one multiply per key
+            sc = sc * ks_ref[kvh, pages].reshape(1, bk)
+            v_scale = vs_ref[kvh, pages].reshape(1, bk)
         kpos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         valid = (kpos <= qpos) & (kpos < kv_len)
         if window is not None:
             valid &= qpos - kpos < window
-        return online_softmax_step(carry, sc * scale, v_ref[kvh, pages].reshape(bk, d), valid)
+        return online_softmax_step(carry, sc * scale, v, valid, v_scale)
 
     acc, _, l = lax.fori_loop(lo, hi, body, online_softmax_init(rows, d))
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]
     o_ref[...] = out.reshape(bq, gp, d).astype(o_ref.dtype)
 
 
-def _ragged_gpu(qg, k_pages, v_pages, kv_lens, tables, meta, *, sm_scale, window, bq, ppb,
-                interpret):  # fmt: skip
+def _ragged_gpu(qg, k_pages, v_pages, scales, kv_lens, tables, meta, *, sm_scale, window, bq,
+                ppb, interpret):  # fmt: skip
     n_tiles = meta.shape[0]
     tp, kh, gp, d = qg.shape
     s = kv_lens.shape[0]
-    kernel = functools.partial(_ragged_kernel, sm_scale=sm_scale, window=window, bq=bq, ppb=ppb)
+    kernel = functools.partial(
+        _ragged_kernel, sm_scale=sm_scale, window=window, bq=bq, ppb=ppb,
+        quantized=scales is not None,
+    )  # fmt: skip
     whole = lambda shape: pl.BlockSpec(shape, lambda u, h: (0,) * len(shape))
     return pl.pallas_call(
         kernel,
@@ -178,6 +199,7 @@ def _ragged_gpu(qg, k_pages, v_pages, kv_lens, tables, meta, *, sm_scale, window
             whole(qg.shape),
             whole(k_pages.shape),
             whole(v_pages.shape),
+            *([] if scales is None else [whole(k_pages.shape[:-1])] * 2),
             whole((s,)),
             whole(tables.shape),
         ],
@@ -185,5 +207,5 @@ def _ragged_gpu(qg, k_pages, v_pages, kv_lens, tables, meta, *, sm_scale, window
         out_shape=jax.ShapeDtypeStruct((n_tiles, bq, kh, gp, d), qg.dtype),
         interpret=interpret,
         compiler_params=None if interpret else gpu_compiler_params(4, 3),
-        name="ragged_paged_attention",
-    )(meta, qg, k_pages, v_pages, kv_lens, tables)
+        name="ragged_paged_attention_int8" if scales is not None else "ragged_paged_attention",
+    )(meta, qg, k_pages, v_pages, *(scales or ()), kv_lens, tables)

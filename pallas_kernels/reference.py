@@ -166,6 +166,8 @@ def paged_attention_reference(
     block_tables: jax.Array,
     *,
     sm_scale: float,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
 ) -> jax.Array:
     """One decode query per sequence against its paged KV cache.
 
@@ -175,6 +177,8 @@ def paged_attention_reference(
       lengths: [B] int32, tokens in each sequence's cache (0 allowed: output zeros).
       block_tables: [B, max_pages_per_seq] int32; entry j is the page holding tokens
         [j * page_size, (j + 1) * page_size). Entries past a sequence's length are ignored.
+      k_scales, v_scales: [K, num_pages, page_size] for int8 pages: gathered beside the pages
+        and multiplied into them, so only the pages a sequence names are dequantized.
 
     Returns:
       [B, H, D] in q's dtype.
@@ -183,9 +187,18 @@ def paged_attention_reference(
     kh, _, page_size, _ = k_pages.shape
     g = h // kh
     max_pages = block_tables.shape[1]
+    span = max_pages * page_size
     # Gather each sequence's pages in order: [B, K, max_pages * page_size, D].
-    k = jnp.moveaxis(k_pages[:, block_tables], 0, 1).reshape(b, kh, max_pages * page_size, d)
-    v = jnp.moveaxis(v_pages[:, block_tables], 0, 1).reshape(b, kh, max_pages * page_size, d)
+    k = jnp.moveaxis(k_pages[:, block_tables], 0, 1).reshape(b, kh, span, d)
+    v = jnp.moveaxis(v_pages[:, block_tables], 0, 1).reshape(b, kh, span, d)
+    if k_scales is not None:
+        k = k.astype(jnp.float32) * jnp.moveaxis(k_scales[:, block_tables], 0, 1).reshape(
+            b, kh, span, 1
+        )
+    if v_scales is not None:
+        v = v.astype(jnp.float32) * jnp.moveaxis(v_scales[:, block_tables], 0, 1).reshape(
+            b, kh, span, 1
+        )
     valid = jnp.arange(max_pages * page_size)[None, :] < lengths[:, None]  # [B, S]
     qg = q.reshape(b, kh, g, d).astype(jnp.float32)
     scores = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(jnp.float32)) * sm_scale
