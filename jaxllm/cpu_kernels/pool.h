@@ -15,7 +15,12 @@
 #include <unistd.h>
 #include <vector>
 
-constexpr int kJaxllmSpinsBeforeSleep = 200000;
+// How long an idle worker spins before it sleeps. Long enough to bridge the gaps between the
+// kernel calls of one decode step (tens of microseconds of small XLA ops), short enough that
+// it gives its core back to XLA's own threads during a matmul: on a 2-core machine a worker
+// that kept spinning (or woke every few milliseconds to spin again) took a quarter of a core
+// while idle.
+constexpr auto kJaxllmSpinBeforeSleep = std::chrono::microseconds(200);
 
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -57,16 +62,15 @@ class JaxllmPool {
   void Work(int t) {
     uint64_t seen = 0;
     for (;;) {
-      int spins = 0;
-      while (gen_.load(std::memory_order_acquire) == seen) {
-        if (++spins < kJaxllmSpinsBeforeSleep) {
+      const auto spin_until = std::chrono::steady_clock::now() + kJaxllmSpinBeforeSleep;
+      for (int spins = 0; gen_.load(std::memory_order_acquire) == seen; ++spins) {
+        if ((spins & 63) != 0 || std::chrono::steady_clock::now() < spin_until) {
           CpuRelax();
           continue;
         }
+        // Run() publishes gen_ under sleep_mu_ before notifying: no wake-up is lost.
         std::unique_lock<std::mutex> lock(sleep_mu_);
-        wake_.wait_for(lock, std::chrono::milliseconds(10),
-                       [&] { return gen_.load(std::memory_order_acquire) != seen; });
-        spins = 0;
+        wake_.wait(lock, [&] { return gen_.load(std::memory_order_acquire) != seen; });
       }
       seen = gen_.load(std::memory_order_acquire);
       (*task_)(t + 1, shares_);
