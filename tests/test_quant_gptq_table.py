@@ -96,3 +96,22 @@ def test_gptq_keeps_round_to_nearest_for_weights_already_on_the_grid(tied_model)
     ulp = np.spacing(np.asarray(got.scale, np.float16)).astype(np.float32)
     bound = 2 * 15 * np.repeat(ulp, 32, axis=1)
     assert np.all(np.abs(np.asarray(dequantize(got)) - w) <= bound)
+
+
+@pytest.mark.slow  # four perplexity compiles and two eager calibration passes: ~30 s here
+def test_choose_alpha_scores_held_out_halves(tied_model):
+    from flax import nnx
+
+    from jaxllm.quant.evaluate import perplexity
+    from jaxllm.quant.gptq_table import choose_alpha
+
+    best, scores = choose_alpha(tied_model, WINDOWS, [0.3, 1e6], 4, 32, False, log=lambda s: None)
+    assert best == min(scores, key=scores.get)
+    # Oracle: with alpha huge the table Hessian is a multiple of I, under which GPTQ is
+    # round-to-nearest; the score is then RTN's perplexity over both held-out halves.
+    m = nnx.clone(tied_model)
+    m.embed = QuantizedEmbedding(quantize(m.embed.table[...], 4, 32, symmetric=False), m.dtype)
+    halves = [WINDOWS[2:], WINDOWS[:2]]
+    nll = [np.log(perplexity(m, h)) * sum(len(w) - 1 for w in h) for h in halves]
+    want = np.exp(sum(nll) / sum(len(w) - 1 for w in WINDOWS))
+    np.testing.assert_allclose(scores[1e6], want, rtol=1e-4)
