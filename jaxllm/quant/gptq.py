@@ -1,15 +1,17 @@
-"""GPTQ (Frantar et al., 2022) for the linear layers, calibrated on offline text.
+"""GPTQ (Frantar et al., 2022) for the linear layers and a tied embedding table, calibrated on
+offline text.
 
 For a layer y = x @ W^T, GPTQ quantizes W [O, I] one input column at a time and spreads each
 column's rounding error over the columns not yet quantized, weighted by the inverse of the
 Hessian H = sum x^T x [I, I] of the layer's inputs on calibration text: it minimises
-||X (W - Q)^T||, the output error, rather than ||W - Q||.
+||X (W - Q)^T||, the output error, rather than ||W - Q||. A tied embedding table gets the
+Hessian of `gptq_table` (its head error plus its lookup error).
 
-Each group's absmax scale is taken when the sweep reaches the group (from the weights as
-compensated so far), and the result is an ordinary `QuantizedWeight`. The sweep is one
-`fori_loop` over the columns, jit-compiled once per weight shape. Hessians come from one
-eager pass of the float model over the calibration windows (every linear layer's inputs
-recorded on the way).
+Each group's grid (absmax scale, or min/max scale and offset) is taken when the sweep reaches
+the group, from the weights as compensated so far, unless static groups are asked for; the
+result is an ordinary `QuantizedWeight`. The sweep goes one group-wide block of columns at a
+time, jit-compiled once per weight shape. Hessians come from one eager pass of the float model
+over the calibration windows (every linear layer's inputs recorded on the way).
 """
 
 from __future__ import annotations
