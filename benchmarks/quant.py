@@ -6,7 +6,8 @@ Perplexity: GPL-3 (/usr/share/common-licenses/GPL-3), the first N non-overlappin
 512 tokens, no BOS, each window run as a prefill through the KV cache (so a `kv-int8` row
 attends over the int8 cache). GPTQ calibrates on the text's last 4 windows, disjoint from the
 evaluated ones; it covers the tied embedding / head table too (`jaxllm.quant.gptq_table`).
-Weight bytes: every matrix (embedding included, norms not) with its scales, against the same matrices in bfloat16. KV bytes: per token, all layers, K and V. Decode tok/s:
+Weight bytes: every matrix (embedding included, norms not) with its scales, against the same
+matrices in bfloat16. KV bytes: per token, all layers, K and V. Decode tok/s:
 the static generator, 64 greedy tokens after 32-token prompts, at batch 1 and 16, timed on a
 second run (the first compiles).
 
