@@ -6,7 +6,8 @@ The calibration windows are GPL-3's last 4 of 512 tokens (the same ones GPTQ cal
 disjoint from the first windows benchmarks/quant.py evaluates). `gptq_table.choose_alpha`
 fits the table's Hessian on two of them and scores the model with only the table quantized on
 the other two, both ways; the lowest held-out perplexity wins. The chosen value goes into
-`jaxllm.quant.gptq_table.DEFAULT_ALPHA` by hand.
+`jaxllm.quant.gptq_table.DEFAULT_ALPHA` by hand. `--variants` scores GPTQ's options
+(static groups, act-order, damping) the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,19 @@ import jax
 from jaxllm import LLM
 from jaxllm.quant.config import load_recipe
 from jaxllm.quant.gptq import CALIBRATION_TEXT, calibration_windows
-from jaxllm.quant.gptq_table import choose_alpha
+from jaxllm.quant.gptq_table import choose_alpha, head_grams
+
+
+def variant_options(variant: str) -> dict:
+    if variant == "dynamic":
+        return {}
+    if variant == "static":
+        return dict(static_groups=True)
+    if variant == "act-order":
+        return dict(act_order=True)
+    if variant.startswith("damp"):
+        return dict(percdamp=float(variant[4:]))
+    raise SystemExit(f"unknown variant {variant!r}")
 
 
 def main(argv=None) -> int:
@@ -29,6 +42,14 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recipe", default="int4-g32")
     ap.add_argument("--alphas", default="0.1,0.3,1,3,10")
+    ap.add_argument(
+        "--variants",
+        default="dynamic",
+        help="GPTQ variants to score at each alpha, e.g. dynamic,static,act-order,damp0.1 "
+        "(dynamic: grids from the compensated weights as the sweep enters each group; static: "
+        "from the original weights; act-order: largest Hessian diagonal first, static grids; "
+        "dampX: dynamic with X * mean diagonal damping instead of 0.01)",
+    )
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = ap.parse_args(argv)
 
@@ -40,11 +61,18 @@ def main(argv=None) -> int:
     calib = calibration_windows(llm.encode(CALIBRATION_TEXT.read_text()), 512, count=4)
     t0 = time.perf_counter()
     alphas = [float(a) for a in args.alphas.split(",")]
-    best, scores = choose_alpha(
-        llm.model, calib, alphas, bits, group, symmetric, log=lambda s: print(s, file=sys.stderr)
-    )
-    lines = ["| alpha | held-out calibration ppl |", "|---|---|"]
-    lines += [f"| {a:g} | {p:.4f}{' (chosen)' if a == best else ''} |" for a, p in scores.items()]
+    grams = head_grams(llm.model, calib)
+    lines = ["| variant | alpha | held-out calibration ppl |", "|---|---|---|"]
+    for variant in args.variants.split(","):
+        best, scores = choose_alpha(
+            llm.model, calib, alphas, bits, group, symmetric,
+            log=lambda s, v=variant: print(v, s, file=sys.stderr),
+            gptq_options=variant_options(variant), grams=grams,
+        )  # fmt: skip
+        lines += [
+            f"| {variant} | {a:g} | {p:.4f}{' (best)' if a == best else ''} |"
+            for a, p in scores.items()
+        ]
     note = (
         f"\n{args.model}, table {bits}-bit group {group} "
         f"{'symmetric' if symmetric else 'asymmetric'}; GPL-3's last 4 windows of 512 tokens, "

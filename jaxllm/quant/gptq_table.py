@@ -15,7 +15,7 @@ evaluation text is never looked at.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flax import nnx
@@ -63,12 +63,16 @@ def choose_alpha(
     group: int,
     symmetric: bool,
     log=print,
+    gptq_options: Mapping[str, object] | None = None,
+    grams: Sequence[np.ndarray] | None = None,
 ) -> tuple[float, dict[float, float]]:
     """(best alpha, {alpha: held-out perplexity}) for GPTQ of the tied table alone.
 
     The windows (calibration text only) are split in two halves; each half's head Hessian
     quantizes the table, and the model with only that table quantized is scored on the other
-    half. The score is the perplexity over both held-out halves.
+    half. The score is the perplexity over both held-out halves. `gptq_options` go to
+    `gptq_quantize` (percdamp, act_order, static_groups); `grams` are `head_grams(model,
+    windows)` when already at hand.
     """
     from jaxllm.quant.evaluate import perplexity
     from jaxllm.quant.gptq import gptq_quantize
@@ -78,7 +82,7 @@ def choose_alpha(
         raise JaxLLMError(
             f"choosing alpha needs at least 2 calibration windows, got {len(windows)}"
         )
-    grams = head_grams(model, windows)
+    grams = head_grams(model, windows) if grams is None else grams
     half = len(windows) // 2
     folds = [(range(half), range(half, len(windows))), (range(half, len(windows)), range(half))]
     table = model.embed.table[...]
@@ -88,7 +92,7 @@ def choose_alpha(
         for fit, held in folds:
             n_fit = sum(len(windows[i]) for i in fit)
             h = table_hessian(sum(grams[i] for i in fit), n_fit, alpha)
-            qw = gptq_quantize(table, h, bits, group, symmetric=symmetric)
+            qw = gptq_quantize(table, h, bits, group, symmetric=symmetric, **(gptq_options or {}))
             m = nnx.clone(model)
             m.embed = QuantizedEmbedding(qw, m.dtype)
             held_windows = [windows[i] for i in held]
