@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             gptq_options=variant_options(variant), grams=grams,
         )  # fmt: skip
         lines += [
-            f"| {variant} | {a:g} | {p:.4f}{' (best)' if a == best else ''} |"
+            f"| {variant} | {a:g} | {p:.4f}{' (best)' if a == best and len(alphas) > 1 else ''} |"
             for a, p in scores.items()
         ]
     note = (
