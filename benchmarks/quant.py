@@ -5,8 +5,9 @@
 Perplexity: GPL-3 (/usr/share/common-licenses/GPL-3), the first N non-overlapping windows of
 512 tokens, no BOS, each window run as a prefill through the KV cache (so a `kv-int8` row
 attends over the int8 cache). GPTQ calibrates on the text's last 4 windows, disjoint from the
-evaluated ones. Weight bytes: every matrix (embedding included, norms not) with its scales,
-against the same matrices in bfloat16. KV bytes: per token, all layers, K and V. Decode tok/s:
+evaluated ones; it covers the tied embedding / head table too (`jaxllm.quant.gptq_table`).
+Weight bytes: every matrix (embedding included, norms not) with its scales, against the same
+matrices in bfloat16. KV bytes: per token, all layers, K and V. Decode tok/s:
 the static generator, 64 greedy tokens after 32-token prompts, at batch 1 and 16, timed on a
 second run (the first compiles).
 
@@ -41,7 +42,8 @@ from jaxllm.quant.qtensor import check_groups
 from jaxllm.quant.smoothquant import input_absmax
 
 DEFAULT_RECIPES = (
-    "float32,gguf,int8,w8a8,kv-int8,int4-g128,int4-g64,int4-g64+gptq,int4-g32,int4-g32+gptq"
+    "float32,gguf,int8,w8a8,w8a8+smoothquant,kv-int8,int4-g128,int4-g64,int4-g64+gptq,"
+    "int4-g32,int4-g32+gptq,int4-g32-sym,int4-g32-sym+gptq,int4-g32-e8,int4-g64+kv-int8"
 )
 
 

@@ -53,7 +53,8 @@ def quantize_model(
 ) -> Transformer:
     """Apply `recipe` to `model` (in place; also returned).
 
-    `quantizer` replaces round-to-nearest for the linear layers (GPTQ passes its own).
+    `quantizer` replaces round-to-nearest for the linear layers and the embedding (GPTQ
+    passes its own).
     `native`: for the `gguf` method, the file's own blocks by layer name
     (`jaxllm.quant.gguf_native.native_weights`); layers without one stay float.
     `act_absmax`: per layer, max |x| per input channel on calibration text, for SmoothQuant
@@ -94,7 +95,7 @@ def quantize_model(
         elif cfg.embed_bits is not None:
             group = cfg.group_size if cfg.embed_bits == 4 else None
             sym = cfg.symmetric or cfg.embed_bits == 8
-            qw = rtn_quantizer("embed", model.embed.table[...], cfg.embed_bits, group, sym)
+            qw = quantizer("embed", model.embed.table[...], cfg.embed_bits, group, sym)
             # A tied head multiplies with the embedding: it takes the activation recipe too.
             act = cfg.activation_bits if model.lm_head is None and group is None else None
             model.embed = QuantizedEmbedding(qw, model.dtype, act)

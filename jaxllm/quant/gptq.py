@@ -1,15 +1,17 @@
-"""GPTQ (Frantar et al., 2022) for the linear layers, calibrated on offline text.
+"""GPTQ (Frantar et al., 2022) for the linear layers and a tied embedding table, calibrated on
+offline text.
 
 For a layer y = x @ W^T, GPTQ quantizes W [O, I] one input column at a time and spreads each
 column's rounding error over the columns not yet quantized, weighted by the inverse of the
 Hessian H = sum x^T x [I, I] of the layer's inputs on calibration text: it minimises
-||X (W - Q)^T||, the output error, rather than ||W - Q||.
+||X (W - Q)^T||, the output error, rather than ||W - Q||. A tied embedding table gets the
+Hessian of `gptq_table` (its head error plus its lookup error).
 
-Each group's absmax scale is taken when the sweep reaches the group (from the weights as
-compensated so far), and the result is an ordinary `QuantizedWeight`. The sweep is one
-`fori_loop` over the columns, jit-compiled once per weight shape. Hessians come from one
-eager pass of the float model over the calibration windows (every linear layer's inputs
-recorded on the way).
+Each group's grid (absmax scale, or min/max scale and offset) is taken when the sweep reaches
+the group, from the weights as compensated so far, unless static groups are asked for; the
+result is an ordinary `QuantizedWeight`. The sweep goes one group-wide block of columns at a
+time, jit-compiled once per weight shape. Hessians come from one eager pass of the float model
+over the calibration windows (every linear layer's inputs recorded on the way).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from jaxllm.quant.qtensor import (
     QuantizedWeight,
     asymmetric_params,
     check_groups,
+    quantize,
     quantize_asymmetric_with,
     quantize_with_scale,
     rtn_scale,
@@ -38,51 +41,87 @@ from jaxllm.quant.qtensor import (
 CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "percdamp", "symmetric"))
-def _gptq_sweep(w, h, *, bits: int, group: int, percdamp: float, symmetric: bool):
+def _group_params(block, bits: int, group: int, symmetric: bool):
+    """float32 (scale, offset) [O, G] of each group in block [O, G * group]."""
+    if symmetric:
+        s = rtn_scale(block, bits, group, jnp.float32 if bits == 8 else INT4_SCALE_DTYPE)
+        return s.astype(jnp.float32), jnp.zeros(s.shape, jnp.float32)
+    s, o = asymmetric_params(block, group)
+    return s.astype(jnp.float32), o.astype(jnp.float32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("bits", "group", "percdamp", "symmetric", "act_order", "static_groups"),
+)
+def _gptq_sweep(
+    w, h, *, bits: int, group: int, percdamp: float, symmetric: bool, act_order: bool,
+    static_groups: bool,
+):  # fmt: skip
     """Returns (error-compensated weights [O, I], scales [O, N], offsets [O, N]):
-    round-to-nearest of the weights under the scales (and offsets) is the result."""
+    round-to-nearest of the weights under the scales (and offsets) is the result.
+
+    The sweep goes a block of `group` columns at a time (GPTQ's lazy batch updates): inside
+    a block each column's error goes to the block's later columns, and when the block is
+    done its errors reach every later column in one matmul. Group grids are taken from the
+    weights as compensated when the sweep enters the group (GPTQ's order) or, with
+    `static_groups` (implied by `act_order`, which visits columns out of group order), from
+    the original weights before the sweep.
+    """
     n_out, n_in = w.shape
+    n_groups = n_in // group
     diag = jnp.diag(h)
     dead = diag == 0  # inputs never active in calibration: weight 0, Hessian 1
     h = jnp.where(jnp.diag(dead), 1.0, h)
     w = jnp.where(dead[None], 0.0, w.astype(jnp.float32))
     h = h + percdamp * jnp.mean(diag) * jnp.eye(n_in)
+    static_groups = static_groups or act_order
+    # act-order: the columns with the largest Hessian diagonal go first, while the most
+    # later columns remain to absorb their error.
+    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(n_in)
+    if static_groups:
+        scale, offset = _group_params(w, bits, group, symmetric)
+    else:
+        scale = jnp.ones((n_out, n_groups), jnp.float32)
+        offset = jnp.zeros((n_out, n_groups), jnp.float32)
+    w = w[:, perm]
+    h = h[perm][:, perm]
     # Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row j holds column j's error weights.
     hinv = jnp.linalg.inv(h)
     u = jnp.linalg.cholesky((hinv + hinv.T) / 2).T
-    qmin, qmax = (-127.0, 127.0) if bits == 8 else (-8.0, 7.0)
-    scale_dtype = jnp.float32 if bits == 8 else INT4_SCALE_DTYPE
+    qmin, qmax = (-127.0, 127.0) if bits == 8 else ((-8.0, 7.0) if symmetric else (0.0, 15.0))
     cols = jnp.arange(n_in)
+    inner = jnp.arange(group)
 
-    def body(j, carry):
+    def block_body(b, carry):
         w, scale, offset = carry
-        gi = j // group
-        # A group's scale is set when the sweep enters it, from the weights as compensated so
-        # far (GPTQ's order), and rounded to the stored dtype before it is used.
-        block = jax.lax.dynamic_slice(w, (0, gi * group), (n_out, group))
-        if symmetric:
-            fresh_s = rtn_scale(block, bits, group, scale_dtype)[:, 0]
-            fresh_o = jnp.zeros((n_out,), jnp.float32)
-        else:
-            fresh_s, fresh_o = (a[:, 0] for a in asymmetric_params(block, group))
-        first = j % group == 0
-        s = jnp.where(first, fresh_s.astype(jnp.float32), scale[:, gi])
-        o = jnp.where(first, fresh_o.astype(jnp.float32), offset[:, gi])
-        scale, offset = scale.at[:, gi].set(s), offset.at[:, gi].set(o)
-        col = w[:, j]
-        if symmetric:
-            dq = jnp.clip(jnp.round(col / s), qmin, qmax) * s
-        else:
-            dq = jnp.clip(jnp.round((col - o) / s), 0.0, 15.0) * s + o
-        err = (col - dq) / u[j, j]
-        # Columns after j absorb the error; column j itself becomes exactly dq.
-        update = jnp.outer(err, jnp.where(cols > j, u[j], 0.0))
-        return (w - update).at[:, j].set(dq), scale, offset
+        start = b * group
+        blk = jax.lax.dynamic_slice(w, (0, start), (n_out, group))
+        if not static_groups:  # the block is group b, compensated up to here
+            s_b, o_b = _group_params(blk, bits, group, symmetric)
+            scale = jax.lax.dynamic_update_slice(scale, s_b, (0, b))
+            offset = jax.lax.dynamic_update_slice(offset, o_b, (0, b))
+        gid = jax.lax.dynamic_slice(perm, (start,), (group,)) // group
+        s_cols, o_cols = scale[:, gid], offset[:, gid]  # [O, group]: each column's grid
+        u_blk = jax.lax.dynamic_slice(u, (start, 0), (group, n_in))  # [group, I]
+        u_in = jax.lax.dynamic_slice(u_blk, (0, start), (group, group))
 
-    scale = jnp.ones((n_out, n_in // group), jnp.float32)
-    offset = jnp.zeros((n_out, n_in // group), jnp.float32)
-    w, scale, offset = jax.lax.fori_loop(0, n_in, body, (w, scale, offset))
+        def col_body(j, c):
+            blk, errs = c
+            col, s, o = blk[:, j], s_cols[:, j], o_cols[:, j]
+            dq = jnp.clip(jnp.round((col - o) / s), qmin, qmax) * s + o
+            err = (col - dq) / u_in[j, j]
+            blk = blk - jnp.outer(err, jnp.where(inner > j, u_in[j], 0.0))
+            return blk.at[:, j].set(dq), errs.at[:, j].set(err)
+
+        blk, errs = jax.lax.fori_loop(0, group, col_body, (blk, jnp.zeros_like(blk)))
+        later = jnp.where(cols[None] >= start + group, u_blk, 0.0)
+        w = jax.lax.dynamic_update_slice(w - errs @ later, blk, (0, start))
+        return w, scale, offset
+
+    w, scale, offset = jax.lax.fori_loop(0, n_groups, block_body, (w, scale, offset))
+    w = w[:, jnp.argsort(perm)]
+    scale_dtype = jnp.float32 if bits == 8 else INT4_SCALE_DTYPE
     return w, scale.astype(scale_dtype), offset.astype(scale_dtype)
 
 
@@ -93,12 +132,20 @@ def gptq_quantize(
     group: int | None,
     percdamp: float = 0.01,
     symmetric: bool = True,
+    act_order: bool = False,
+    static_groups: bool = False,
 ) -> QuantizedWeight:
-    """GPTQ of w [O, I] for inputs with Hessian h [I, I]; same layout as `quantize`."""
+    """GPTQ of w [O, I] for inputs with Hessian h [I, I]; same layout as `quantize`.
+
+    percdamp: damping added to H's diagonal, as a fraction of its mean. act_order: quantize
+    columns in order of decreasing H diagonal (needs static groups). static_groups: grids
+    from the original weights instead of the compensated ones.
+    """
     g = check_groups(w.shape, group)
     wc, scale, offset = _gptq_sweep(
         jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
-        bits=bits, group=g, percdamp=percdamp, symmetric=symmetric,
+        bits=bits, group=g, percdamp=percdamp, symmetric=symmetric, act_order=act_order,
+        static_groups=static_groups,
     )  # fmt: skip
     if symmetric:
         return quantize_with_scale(wc, scale, bits, g)
@@ -134,17 +181,43 @@ def default_calibration(tokenizer, cfg) -> list[list[int]]:
 
 
 def gptq_quantizer(
-    model: Transformer, windows: Sequence[Sequence[int]], log=print
+    model: Transformer,
+    windows: Sequence[Sequence[int]],
+    log=print,
+    table_alpha: float | None = None,
 ) -> Callable[..., QuantizedWeight]:
-    """A `Quantizer` for `quantize_model` that runs GPTQ with Hessians from `windows`."""
+    """A `Quantizer` for `quantize_model` that runs GPTQ with Hessians from `windows`.
+
+    A tied embedding ("embed") gets GPTQ under `gptq_table.table_hessian` with `table_alpha`
+    (default `gptq_table.DEFAULT_ALPHA`); an untied one, a lookup table only, is rounded to
+    nearest. Each matrix keeps whichever of GPTQ and round-to-nearest has the lower GPTQ
+    objective on the calibration Hessian: weights already on the target grid (SmolLM2's Q4_1
+    layers under int4-g32) round exactly, and GPTQ's regridding would only move them off it.
+    """
+    from jaxllm.quant.gptq_table import DEFAULT_ALPHA, hessian_error, table_hessian
+
     log(f"[jaxllm] GPTQ: collecting Hessians over {len(windows)} calibration windows")
     hessians = collect_hessians(model, windows)
+    if "embed" in hessians:
+        n_tokens = sum(len(ids) for ids in windows)
+        alpha = DEFAULT_ALPHA if table_alpha is None else table_alpha
+        hessians["embed"] = table_hessian(hessians["embed"], n_tokens, alpha)
+    kept = {"gptq": 0, "rtn": 0}
 
     def quantizer(
         name: str, w: jax.Array, bits: int, group: int | None, symmetric: bool = True
     ) -> QuantizedWeight:
         check_groups(w.shape, group, name)
-        return gptq_quantize(w, hessians[name], bits, group, symmetric=symmetric)
+        rtn = quantize(w, bits, group, name=name, symmetric=symmetric)
+        if name not in hessians:  # a lookup-only table: identity Hessian, where GPTQ is RTN
+            return rtn
+        h = hessians[name]
+        qw = gptq_quantize(w, h, bits, group, symmetric=symmetric)
+        better = hessian_error(w, qw, h) < hessian_error(w, rtn, h)
+        kept["gptq" if better else "rtn"] += 1
+        if name == "embed":
+            log(f"[jaxllm] GPTQ: kept {kept['gptq']} GPTQ and {kept['rtn']} RTN matrices")
+        return qw if better else rtn
 
     return quantizer
 
