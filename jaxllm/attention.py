@@ -116,8 +116,13 @@ _PAGED: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def register_attention(name: str, fn: Callable[..., jax.Array]) -> None:
+def register_attention(
+    name: str, fn: Callable[..., jax.Array], paged: Callable[..., jax.Array] | None = None
+) -> None:
+    """Add a backend: `fn` for contiguous caches and, optionally, `paged` for the engine."""
     _BACKENDS[name] = fn
+    if paged is not None:
+        _PAGED[name] = paged
 
 
 def available_backends() -> tuple[str, ...]:

@@ -122,12 +122,15 @@ def test_q8_activations_cost_no_more_than_their_rounding_bound():
 def test_recipe_fields_and_errors():
     cfg = load_recipe("gguf-llamacpp")
     assert (cfg.method, cfg.gguf_activations, cfg.kv_dtype) == ("gguf", "q8", "float16")
+    assert cfg.attention_f16
     with pytest.raises(JaxLLMError, match="kv_dtype='float16' and kv_bits=8"):
         load_recipe("gguf-llamacpp+kv-int8")
     from jaxllm.quant.config import QuantConfig
 
     with pytest.raises(JaxLLMError, match="gguf_activations='q8' needs method gguf"):
         QuantConfig(name="x", weight_bits=8, gguf_activations="q8")
+    with pytest.raises(JaxLLMError, match="attention_f16 needs kv_dtype='float16', got kv_dt"):
+        QuantConfig(name="x", attention_f16=True)
     with pytest.raises(JaxLLMError, match="gguf_activations='q4' in recipe"):
         QuantConfig(name="x", method="gguf", gguf_activations="q4")
     w = QuantizedWeight(jnp.zeros((4, 64), jnp.int8), jnp.ones((4, 1)), None, 8, 64)
@@ -155,12 +158,36 @@ def test_llamacpp_recipe_stays_near_the_float_activation_path(tmp_path):
         quantize_model(model, recipe, native=native)
         logits[recipe] = cached_logits(model, TINY_INPUT_IDS)
     assert {type(getattr(p, a)) for _, p, a in linear_slots(model)} == {BlockQ8Linear}
-    assert model.kv_cache_dtype == jnp.float16
+    assert model.kv_cache_dtype == jnp.float16 and model.attention == "llamacpp"
     if cfg.tie_word_embeddings:
         assert isinstance(model.embed, BlockQ8Embedding)
     want, got = logits["gguf"], logits["gguf-llamacpp"]
     err = np.abs(got - want).max() / np.abs(want).max()
     assert 0 < err <= 0.02, err  # measured 5.9e-3 of the largest logit
+
+
+def test_f16_attention_equals_numpy():
+    """Oracle: numpy float32 attention with Q, K, V and the probabilities rounded to float16."""
+    from jaxllm.quant.f16_attention import f16_attention
+
+    rng = np.random.default_rng(4)
+    b, t, k, g, d = 2, 6, 2, 3, 16
+    q = rng.standard_normal((b, t, k, g, d)).astype(np.float32)
+    kk, v = (rng.standard_normal((b, k, t, d)).astype(np.float32) for _ in range(2))
+    mask = np.broadcast_to(np.tril(np.ones((t, t), bool)), (b, t, t))
+
+    def f16(a):
+        return a.astype(np.float16).astype(np.float32)
+
+    scores = np.einsum("btkgd,bksd->bkgts", f16(q), f16(kk)) * np.float32(d**-0.5)
+    scores = np.where(mask[:, None, None], scores, -np.inf)
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    probs = f16(e / e.sum(-1, keepdims=True))
+    want = np.einsum("bkgts,bksd->btkgd", probs, f16(v))
+    got = f16_attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), jnp.asarray(mask),
+                        sm_scale=d**-0.5)  # fmt: skip
+    # A probability on a float16 rounding boundary may land one float16 step apart.
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2.0**-10 * np.abs(v).max())
 
 
 def cached_logits(model, ids) -> np.ndarray:
@@ -173,3 +200,31 @@ def cached_logits(model, ids) -> np.ndarray:
     mask = jnp.tril(jnp.ones((t, t), bool))[None]
     out, _ = model(jnp.asarray([ids]), jnp.arange(t)[None], mask, cache, jnp.int32(0))
     return np.asarray(out[0])
+
+
+@pytest.mark.slow
+def test_products_equal_llamacpps_on_its_own_inputs(smollm2, monkeypatch):
+    """Oracle: llama.cpp itself. Each SmolLM2 product fed llama.cpp's input tensor (read
+    through its eval callback) gives llama.cpp's output tensor to float32 rounding with
+    `gguf-llamacpp`, and differs by the activation quantization with `gguf`."""
+    pytest.importorskip("llama_cpp")
+    from pathlib import Path
+
+    from flax import nnx
+
+    from jaxllm.quant.apply import quantize_model
+    from jaxllm.quant.gguf_native import native_weights
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gguf_agreement import product_errors
+    from llamacpp_taps import TappedLlama
+
+    tapped = TappedLlama(smollm2.source, n_ctx=128, n_threads=2, logits_all=True)
+    taps = tapped.eval(smollm2.encode("def fibonacci(n):"))
+    native = native_weights(smollm2.source, smollm2.config)
+    errors = {}
+    for recipe in ("gguf", "gguf-llamacpp"):
+        model = quantize_model(nnx.clone(smollm2.model), recipe, native=native)
+        errors[recipe] = product_errors(model, taps)
+    assert max(errors["gguf-llamacpp"].values()) <= 2e-6, errors  # measured <= 4e-7
+    assert min(errors["gguf"].values()) >= 1e-4, errors  # float activations: ~1e-3

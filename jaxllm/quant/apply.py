@@ -116,6 +116,10 @@ def quantize_model(
         model.kv_cache_dtype = jnp.int8
     if cfg.kv_dtype is not None:
         model.kv_cache_dtype = jnp.dtype(cfg.kv_dtype)
+    if cfg.attention_f16:
+        from jaxllm.quant import f16_attention
+
+        model.attention = f16_attention.NAME
     model.quant_config = cfg
     return model
 

@@ -39,6 +39,9 @@ class QuantConfig:
       Q8_0 against Q8_0 and Q4_0), integer products per block (`jaxllm.quant.ggml_dot`).
       None keeps float32 activations.
     kv_dtype: a float dtype for the KV cache (`float16`: llama.cpp's default cache).
+    attention_f16: Q and the softmax probabilities rounded to float16 before their products
+      with the float16 K/V cache, as llama.cpp's CPU attention does (attention backend
+      `llamacpp`, `jaxllm.quant.f16_attention`); needs kv_dtype float16.
     """
 
     name: str = "none"
@@ -53,6 +56,7 @@ class QuantConfig:
     smoothquant: float | None = None
     gguf_activations: str | None = None
     kv_dtype: str | None = None
+    attention_f16: bool = False
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -109,6 +113,11 @@ class QuantConfig:
             raise JaxLLMError(
                 f"recipe {self.name!r}: kv_dtype={self.kv_dtype!r} and kv_bits={self.kv_bits} "
                 "both set the KV cache; choose one"
+            )
+        if self.attention_f16 and self.kv_dtype != "float16":
+            raise JaxLLMError(
+                f"recipe {self.name!r}: attention_f16 needs kv_dtype='float16', got "
+                f"kv_dtype={self.kv_dtype!r}"
             )
         if self.method not in METHODS:
             raise JaxLLMError(
