@@ -228,3 +228,20 @@ def test_products_equal_llamacpps_on_its_own_inputs(smollm2, monkeypatch):
         errors[recipe] = product_errors(model, taps)
     assert max(errors["gguf-llamacpp"].values()) <= 2e-6, errors  # measured <= 4e-7
     assert min(errors["gguf"].values()) >= 1e-4, errors  # float activations: ~1e-3
+
+
+def test_llamacpp_recipe_engine_matches_static_generator(tmp_path):
+    """Oracle: the static generator (contiguous cache, dense attention). The engine's paged
+    steps with the `llamacpp` attention give the same greedy tokens."""
+    from jaxllm import LLM, SamplingParams
+    from tests.test_hf_checkpoints import TINY_INPUT_IDS, write_gguf
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path, "tiny-llama", gguf.GGMLQuantizationType.Q4_1)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    tokens = {}
+    for engine in (False, True):
+        llm = LLM(str(path), quantization="gguf-llamacpp", engine=engine, log=lambda *a: None)
+        assert llm.model.attention == "llamacpp"
+        tokens[engine] = llm.generate(list(TINY_INPUT_IDS), params)[0].token_ids
+    assert tokens[True] == tokens[False]

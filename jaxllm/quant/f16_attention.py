@@ -51,4 +51,4 @@ def paged_f16_attention(q, k_pages, v_pages, meta, *, sm_scale: float) -> jax.Ar
     return out.astype(q.dtype)
 
 
-register_attention(NAME, f16_attention, paged_f16_attention)
+register_attention(NAME, f16_attention, paged_f16_attention, paged_reads_split=True)
