@@ -14,9 +14,9 @@ activation row is first cut into blocks of 32 and quantized (ggml's `quantize_ro
     Q8_0 block (w = d_w c):         d_w d_x sum_k c_k q_k
 
 summed over a row's blocks. The integer sums are exact, so this reproduces ggml's values up to
-the order of its float32 additions. The quantized activations cost accuracy (about 0.5% of a
-product here), which is why jaxllm's plain `gguf` recipe keeps them float; this path is for
-matching llama.cpp's numbers.
+the order of its float32 additions. The quantized activations cost accuracy (on SmolLM2 a
+product moves by up to 0.9-2.6% of its largest value), which is why jaxllm's plain `gguf`
+recipe keeps them float; this path is for matching llama.cpp's numbers.
 
 Axes: rows R (x's leading axes, flattened), outputs O, inputs I, blocks N = I / 32, slot k.
 """
