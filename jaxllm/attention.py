@@ -120,8 +120,34 @@ _PAGED: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def register_attention(name: str, fn: Callable[..., jax.Array]) -> None:
+# Paged backends besides `xla`'s jnp path that read PagedMeta's CPU split (dec_/pre_ rows).
+_SPLIT_READERS: set[str] = set()
+
+
+def register_attention(
+    name: str,
+    fn: Callable[..., jax.Array],
+    paged: Callable[..., jax.Array] | None = None,
+    *,
+    paged_reads_split: bool = False,
+) -> None:
+    """Add a backend: `fn` for contiguous caches and, optionally, `paged` for the engine
+    (`paged_reads_split`: it reads the CPU split metadata, so the engine must fill it)."""
     _BACKENDS[name] = fn
+    if paged is not None:
+        _PAGED[name] = paged
+    if paged_reads_split:
+        _SPLIT_READERS.add(name)
+
+
+def paged_reads_split(
+    name: str, group: int, page_size: int, dtype, head_dim: int | None = None
+) -> bool:
+    """Whether the engine's paged attention under backend `name` reads the CPU split."""
+    name = resolve_backend(name)
+    if name in _SPLIT_READERS:
+        return True
+    return name == "xla" and not paged_uses_native_cpu(group, page_size, dtype, head_dim)
 
 
 def available_backends() -> tuple[str, ...]:

@@ -33,8 +33,11 @@ def split_paged_attention(
     meta: PagedMeta,
     *,
     sm_scale: float,
+    probs_dtype=None,
 ) -> jax.Array:
-    """q [T, H, D] packed -> [T, H, D]; rows not named in the split metadata come back zero."""
+    """q [T, H, D] packed -> [T, H, D]; rows not named in the split metadata come back zero.
+    `probs_dtype`: round the softmax probabilities to it before the value product (float16:
+    llama.cpp's CPU attention)."""
     t, h, d = q.shape
     kh = k_pages.shape[0]
     g = h // kh
@@ -51,6 +54,8 @@ def split_paged_attention(
     v = jnp.where(valid[:, None, :, None], v, 0.0)  # slots past the end may hold anything
     s = jnp.sum(qd[:, :, :, None, :] * k[:, :, None], axis=-1)  # [N, K, G, L]
     probs, _, _ = masked_softmax(s, valid[:, None, None])
+    if probs_dtype is not None:
+        probs = probs.astype(probs_dtype).astype(jnp.float32)
     od = jnp.sum(probs[..., None] * v[:, :, None], axis=3)
     out = out.at[meta.dec_rows].set(od, mode="drop")
 
@@ -70,6 +75,8 @@ def split_paged_attention(
     v = jnp.where((kpos[None, :] < kv_len[:, None])[:, None, :, None], v, 0.0)
     s = jnp.einsum("crkgd,ckld->ckgrl", qp, k)
     probs, _, _ = masked_softmax(s, valid[:, None, None])
+    if probs_dtype is not None:
+        probs = probs.astype(probs_dtype).astype(jnp.float32)
     op = jnp.einsum("ckgrl,ckld->crkgd", probs, v)
     out = out.at[rows].set(op, mode="drop")
     return out[:t].reshape(t, h, d).astype(q.dtype)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxllm.attention import paged_uses_native_cpu, resolve_backend
+from jaxllm.attention import paged_reads_split
 from jaxllm.engine.scheduler import SchedulerOutput
 from jaxllm.model import PagedMeta, Transformer, init_pages
 from jaxllm.quant.kv import kv_bytes_per_element
@@ -81,8 +81,8 @@ class ModelRunner:
         self._copy = jax.jit(self._copy_impl, donate_argnums=(0,))
         # The decode/prefill split metadata is only read by the jnp CPU path; leaving it
         # empty otherwise keeps it out of the compiled shapes.
-        self.split = resolve_backend(model.attention) == "xla" and not paged_uses_native_cpu(
-            self.config.group_size, page_size, cache_dtype, self.config.head_dim
+        self.split = paged_reads_split(
+            model.attention, self.config.group_size, page_size, cache_dtype, self.config.head_dim
         )
         self.compiled_shapes: set[tuple[int, ...]] = set()
 

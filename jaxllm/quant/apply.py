@@ -16,7 +16,13 @@ import jax.numpy as jnp
 from jaxllm.errors import JaxLLMError
 from jaxllm.model import Embedding, Linear, Transformer
 from jaxllm.quant.config import QuantConfig, load_recipe
-from jaxllm.quant.layers import QuantizedEmbedding, QuantizedLinear
+from jaxllm.quant.ggml_dot import check_block_weight
+from jaxllm.quant.layers import (
+    BlockQ8Embedding,
+    BlockQ8Linear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+)
 from jaxllm.quant.qtensor import QuantizedWeight, check_groups, quantize
 
 # (name, float weight [out, in], bits, group, symmetric) -> quantized weight; round-to-nearest
@@ -87,11 +93,19 @@ def quantize_model(
         if act_group is not None:
             check_groups(qw.shape, act_group, f"{name} (activation groups)")
         bias = lin.bias[...] if lin.bias is not None else None
+        if cfg.gguf_activations == "q8":
+            check_block_weight(qw, name)
+            setattr(parent, attr, BlockQ8Linear(qw, bias))
+            continue
         layer = QuantizedLinear(qw, bias, cfg.activation_bits, inv_smooth, act_group)
         setattr(parent, attr, layer)
     if isinstance(model.embed, Embedding):
         if cfg.method == "gguf" and "embed" in native:
-            model.embed = QuantizedEmbedding(native["embed"], model.dtype)
+            block_q8 = cfg.gguf_activations == "q8" and model.lm_head is None
+            if block_q8:
+                check_block_weight(native["embed"], "embed")
+            kind = BlockQ8Embedding if block_q8 else QuantizedEmbedding
+            model.embed = kind(native["embed"], model.dtype)
         elif cfg.embed_bits is not None:
             group = cfg.group_size if cfg.embed_bits == 4 else None
             sym = cfg.symmetric or cfg.embed_bits == 8
@@ -101,6 +115,12 @@ def quantize_model(
             model.embed = QuantizedEmbedding(qw, model.dtype, act)
     if cfg.kv_bits == 8:
         model.kv_cache_dtype = jnp.int8
+    if cfg.kv_dtype is not None:
+        model.kv_cache_dtype = jnp.dtype(cfg.kv_dtype)
+    if cfg.attention_f16:
+        from jaxllm.quant import f16_attention
+
+        model.attention = f16_attention.NAME
     model.quant_config = cfg
     return model
 

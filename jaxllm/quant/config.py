@@ -34,6 +34,14 @@ class QuantConfig:
       GGUF Q4_1's form) instead of around zero.
     method: `rtn` (round to nearest), `gptq` (needs calibration text) or `gguf` (the GGUF
       file's own Q8_0/Q4_0/Q4_1 blocks, loaded as they are).
+    gguf_activations: with the gguf method, `q8` multiplies each block weight the way
+      llama.cpp's CPU backend does: activations in 8-bit blocks of 32 (Q8_1 against Q4_1,
+      Q8_0 against Q8_0 and Q4_0), integer products per block (`jaxllm.quant.ggml_dot`).
+      None keeps float32 activations.
+    kv_dtype: a float dtype for the KV cache (`float16`: llama.cpp's default cache).
+    attention_f16: Q and the softmax probabilities rounded to float16 before their products
+      with the float16 K/V cache, as llama.cpp's CPU attention does (attention backend
+      `llamacpp`, `jaxllm.quant.f16_attention`); needs kv_dtype float16.
     """
 
     name: str = "none"
@@ -46,6 +54,9 @@ class QuantConfig:
     method: str = "rtn"
     symmetric: bool = True
     smoothquant: float | None = None
+    gguf_activations: str | None = None
+    kv_dtype: str | None = None
+    attention_f16: bool = False
 
     def __post_init__(self) -> None:
         for field, allowed in (
@@ -53,6 +64,8 @@ class QuantConfig:
             ("embed_bits", (None, 4, 8)),
             ("activation_bits", (None, 8)),
             ("kv_bits", (None, 8)),
+            ("gguf_activations", (None, "q8")),
+            ("kv_dtype", (None, "float16", "bfloat16", "float32")),
         ):
             if getattr(self, field) not in allowed:
                 raise JaxLLMError(
@@ -90,6 +103,21 @@ class QuantConfig:
             raise JaxLLMError(
                 f"recipe {self.name!r}: the gguf method keeps the file's own blocks and takes "
                 "no weight_bits or embed_bits"
+            )
+        if self.gguf_activations is not None and self.method != "gguf":
+            raise JaxLLMError(
+                f"recipe {self.name!r}: gguf_activations={self.gguf_activations!r} needs "
+                f"method gguf, got method={self.method!r}"
+            )
+        if self.kv_dtype is not None and self.kv_bits is not None:
+            raise JaxLLMError(
+                f"recipe {self.name!r}: kv_dtype={self.kv_dtype!r} and kv_bits={self.kv_bits} "
+                "both set the KV cache; choose one"
+            )
+        if self.attention_f16 and self.kv_dtype != "float16":
+            raise JaxLLMError(
+                f"recipe {self.name!r}: attention_f16 needs kv_dtype='float16', got "
+                f"kv_dtype={self.kv_dtype!r}"
             )
         if self.method not in METHODS:
             raise JaxLLMError(

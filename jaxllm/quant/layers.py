@@ -90,3 +90,25 @@ class QuantizedEmbedding(_Holds, nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """x [B, T, E] -> logits [B, T, V] in float32."""
         return qlinear(x, self.qweight, self.activation_bits).astype(jnp.float32)
+
+
+class BlockQ8Linear(QuantizedLinear):
+    """A GGUF block weight multiplied as llama.cpp's CPU backend does: activations in 8-bit
+    blocks of 32, integer block products (`jaxllm.quant.ggml_dot`)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        from jaxllm.quant.ggml_dot import blocked_dot
+
+        y = blocked_dot(x, self.qweight).astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class BlockQ8Embedding(QuantizedEmbedding):
+    """`QuantizedEmbedding` whose tied output head takes `BlockQ8Linear`'s product."""
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        from jaxllm.quant.ggml_dot import blocked_dot
+
+        return blocked_dot(x, self.qweight)
