@@ -12,6 +12,21 @@ import yaml
 from jaxllm.errors import JaxLLMError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def known_configs(kind: str) -> list[str]:
+    """Names of the YAML files under configs/<kind> (`models`, `mesh`, `hardware`, ...)."""
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def find_config(kind: str, name_or_path: str | Path) -> Path | None:
+    """A YAML path as given, else configs/<kind>/<name>.yaml; None when it is not a file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / kind / f"{name_or_path}.yaml"
+    return path if path.is_file() else None
+
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
@@ -99,11 +114,9 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, name_or_path: str | Path) -> ModelConfig:
-        path = Path(name_or_path)
-        if path.suffix not in (".yaml", ".yml"):
-            path = CONFIG_DIR / "models" / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+        path = find_config("models", name_or_path)
+        if path is None:
+            known = known_configs("models")
             raise JaxLLMError(f"no model config {str(name_or_path)!r}; known: {', '.join(known)}")
         return cls.from_dict(yaml.safe_load(path.read_text()))
 

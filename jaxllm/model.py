@@ -315,12 +315,15 @@ class Transformer(nnx.Module):
             new_cache.append(kv)
         if last_only:
             x = x[:, -1:]
+        return self.head(x), tuple(new_cache)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final norm and output head (the tied embedding or `lm_head`): x [..., E] -> logits
+        [..., V] in float32."""
         x = self.final_norm(x)
         if self.lm_head is None:
-            logits = self.embed.attend(x)
-        else:
-            logits = self.lm_head(x).astype(jnp.float32)
-        return logits, tuple(new_cache)
+            return self.embed.attend(x)
+        return self.lm_head(x).astype(jnp.float32)
 
     def forward_paged(
         self,
@@ -344,12 +347,7 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             x, kv = layer.paged(x, positions, inv_freq, pages[i], meta, fn)
             new_pages.append(kv)
-        x = self.final_norm(x[logits_index][None])
-        if self.lm_head is None:
-            logits = self.embed.attend(x)
-        else:
-            logits = self.lm_head(x).astype(jnp.float32)
-        return logits[0], tuple(new_pages)
+        return self.head(x[logits_index][None])[0], tuple(new_pages)
 
 
 def init_pages(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,7 +27,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxllm.config import CONFIG_DIR, ModelConfig
+from jaxllm.config import ModelConfig, find_config, known_configs
 from jaxllm.errors import JaxLLMError
 from jaxllm.model import Transformer
 from sharding import rules as R
@@ -64,11 +63,9 @@ def load_mesh_config(spec: str | os.PathLike) -> MeshConfig:
     try:
         if "=" in text:
             return MeshConfig.parse(text)
-        path = Path(text)
-        if path.suffix not in (".yaml", ".yml"):
-            path = CONFIG_DIR / "mesh" / f"{text}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in (CONFIG_DIR / "mesh").glob("*.yaml"))
+        path = find_config("mesh", text)
+        if path is None:
+            known = known_configs("mesh")
             raise JaxLLMError(
                 f"mesh {text!r} is not axis=size pairs, a YAML file or a known mesh "
                 f"({', '.join(known)})"

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from jaxllm.config import CONFIG_DIR, ModelConfig
+from jaxllm.config import ModelConfig, find_config, known_configs
 from jaxllm.errors import JaxLLMError
 from sharding.mesh import MeshConfig, MeshError, check_divides, kv_replication
 
@@ -39,11 +38,9 @@ class Hardware:
 
     @classmethod
     def from_yaml(cls, name_or_path: str) -> Hardware:
-        path = Path(name_or_path)
-        if path.suffix not in (".yaml", ".yml"):
-            path = CONFIG_DIR / "hardware" / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in (CONFIG_DIR / "hardware").glob("*.yaml"))
+        path = find_config("hardware", name_or_path)
+        if path is None:
+            known = known_configs("hardware")
             raise JaxLLMError(f"no hardware {name_or_path!r}; known: {', '.join(known)}")
         d = yaml.safe_load(path.read_text())
         return cls(name=d["name"], **{k: float(v) for k, v in d.items() if k != "name"})

@@ -111,12 +111,7 @@ class _PipelinedModel:
         )  # fmt: skip
         if last_only:
             x = x[:, -1:]
-        x = outer.final_norm(x)
-        if outer.lm_head is None:
-            logits = outer.embed.attend(x)
-        else:
-            logits = outer.lm_head(x).astype(jnp.float32)
-        return _constrain(logits, (R.BATCH, R.LENGTH, R.VOCAB), m), cache
+        return _constrain(outer.head(x), (R.BATCH, R.LENGTH, R.VOCAB), m), cache
 
 
 class ShardedGenerator(Generator):

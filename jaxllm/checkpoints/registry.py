@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.config import CONFIG_DIR, ModelConfig
+from jaxllm.config import ModelConfig, find_config, known_configs
 from jaxllm.errors import JaxLLMError
 
 
@@ -120,12 +120,12 @@ def load_model(model: str | os.PathLike, log=print) -> LoadedModel:
         cfg, params, meta, factors = load_gguf(path)
         tok = Tokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.model" in meta else None
         return LoadedModel(cfg, params, tok, factors, str(path))
-    if (CONFIG_DIR / "models" / f"{text}.yaml").is_file():
+    if find_config("models", text) is not None:
         from jaxllm.model import random_params
 
         cfg = ModelConfig.from_yaml(text)
         return LoadedModel(cfg, random_params(cfg), None, None, f"random weights for {text}")
-    known = sorted(set(PACKAGED) | {p.stem for p in (CONFIG_DIR / "models").glob("*.yaml")})
+    known = sorted(set(PACKAGED) | set(known_configs("models")))
     raise JaxLLMError(
         f"model {text!r} is not a file, an HF directory or a known name ({', '.join(known)})"
     )
