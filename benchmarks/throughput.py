@@ -6,6 +6,10 @@ EOS ignored, so every engine produces exactly the same number of tokens.
 
 Engines, each in its own subprocess (peak RSS is its own):
   jaxllm-engine   the serving engine (paged KV, continuous batching, chunked prefill)
+  jaxllm-engine-bf16  the same engine with bfloat16 weights (bf16 x bf16 products, float32
+                  accumulation; activations, norms, softmax, logits float32) and float16 KV
+                  pages (llama.cpp's default cache): `LLM(weight_dtype="bfloat16")`,
+                  `EngineConfig(kv_cache_dtype="float16")`
   jaxllm-static   the static generator in batches of 16
   hf              HF transformers `generate`, padded batches of 16, float32
   llama.cpp       llama-cpp-python, one request at a time
@@ -32,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("jaxllm-engine", "jaxllm-static", "hf", "llama.cpp", "llama-server")
+ENGINES = ("jaxllm-engine", "jaxllm-engine-bf16", "jaxllm-static", "hf", "llama.cpp",
+           "llama-server")  # fmt: skip
+JAXLLM_ENGINES = ENGINES[:2]
 BATCH = 16
 
 
@@ -65,20 +71,21 @@ def summary(wall: float, n_out: int, n_req: int, ttft: list[float], tpot: list[f
     }
 
 
-def _jaxllm(n: int):
+def _jaxllm(n: int, weight_dtype: str | None = None):
     from jaxllm import LLM
 
-    llm = LLM("smollm2-135m", compilation_cache=False, log=lambda *a: None)
+    llm = LLM("smollm2-135m", compilation_cache=False, log=lambda *a: None,
+              weight_dtype=weight_dtype)  # fmt: skip
     prompts, outs = workload(llm.encode, n)
     return llm, prompts, outs
 
 
-def run_engine(n: int) -> dict:
+def run_engine(n: int, weight_dtype: str | None = None, kv_dtype: str | None = None) -> dict:
     from jaxllm.engine import EngineConfig, LLMEngine
     from jaxllm.sampling import SamplingParams
 
-    llm, prompts, outs = _jaxllm(n)
-    config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512)
+    llm, prompts, outs = _jaxllm(n, weight_dtype)
+    config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512, kv_cache_dtype=kv_dtype)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in outs]
     warm = LLMEngine(llm.model, config)  # compile the buckets this workload meets, untimed
     warm.run(prompts, params)
@@ -300,6 +307,7 @@ def run_bounds(n: int) -> dict:
 
 RUNNERS = {
     "jaxllm-engine": run_engine,
+    "jaxllm-engine-bf16": lambda n: run_engine(n, "bfloat16", "float16"),
     "jaxllm-static": run_static,
     "hf": run_hf,
     "llama.cpp": run_llama_cpp,
@@ -363,12 +371,14 @@ def main() -> None:
             f"{fmt(tpot[0])} | {fmt(tpot[1])} | {r['peak_rss_mib']:.0f} | {waste} | "
             f"{100 * r['output_tok_s'] / b['bound_tok_s']:.0f}% |"
         )
-    e = results.get("jaxllm-engine", {})
-    if "output_tok_s" in e:
-        for peer in ENGINES[1:]:
+    for name in JAXLLM_ENGINES:
+        e = results.get(name, {})
+        if "output_tok_s" not in e:
+            continue
+        for peer in ENGINES[len(JAXLLM_ENGINES) :]:
             if "output_tok_s" in results.get(peer, {}):
                 ratio = e["output_tok_s"] / results[peer]["output_tok_s"]
-                print(f"engine / {peer}: {ratio:.2f}x")
+                print(f"{name} / {peer}: {ratio:.2f}x")
     pfx = results["prefix"]
     if "speedup" in pfx:
         print(f"\nshared 512-token prefix, median TTFT: {pfx['uncached']:.3f} s uncached, "

@@ -83,13 +83,14 @@ def _paged_kernel(q, k_pages, v_pages, meta, *, sm_scale):
 
 
 def paged_uses_native_cpu(group: int, page_size: int, dtype, head_dim: int | None = None) -> bool:
-    """Whether the engine's `xla` attention runs the native CPU kernel (else the jnp split).
-    The kernel computes in 16-float vectors: `head_dim` must be a multiple of 16."""
+    """Whether the engine's `xla` attention runs the native CPU kernel (else the jnp split):
+    pages of `dtype` float32, float16 or bfloat16 (int8 pages take the split). The kernel
+    computes in 16-float vectors: `head_dim` must be a multiple of 16."""
     from jaxllm import cpu_kernels
 
     return (
         jax.default_backend() == "cpu"
-        and jnp.dtype(dtype) == jnp.float32
+        and jnp.dtype(dtype) in cpu_kernels.PAGED_DTYPES
         and group <= 16
         and page_size <= 256
         and (head_dim is None or head_dim % 16 == 0)
@@ -102,8 +103,8 @@ def _paged_xla(q, k_pages, v_pages, meta, *, sm_scale):
     from jaxllm.engine.cpu_attention import split_paged_attention
 
     group, page_size = q.shape[1] // k_pages.shape[0], k_pages.shape[2]
-    if q.dtype == k_pages.dtype and paged_uses_native_cpu(
-        group, page_size, q.dtype, q.shape[-1]
+    if isinstance(k_pages, jax.Array) and paged_uses_native_cpu(
+        group, page_size, k_pages.dtype, q.shape[-1]
     ):  # one pass over each sequence's pages, on every core
         return cpu_kernels.paged_attention(
             q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens,

@@ -70,6 +70,9 @@ class LLM:
       model: `smollm2-135m`, a .gguf file, an HF directory (config.json + *.safetensors),
         or a shapes-only config name from configs/models (random weights).
       dtype: float32 | bfloat16 | float16 for weights and activations.
+      weight_dtype: store the weight matrices in this dtype instead (`bfloat16` under
+        float32: half the weight bytes, bf16 products with float32 accumulation; the
+        activations, norms, softmax and logits stay in `dtype`).
       attention: attention backend (`auto`, `xla`, `flash`, `paged`).
       max_batch: most sequences decoded together.
       engine: run `generate`/`chat`/`stream` on the serving engine (paged KV cache,
@@ -98,9 +101,11 @@ class LLM:
         mesh: Any = None,
         microbatches: int = 0,
         quantization: Any = None,
+        weight_dtype: str | None = None,
     ):
-        if dtype not in _DTYPES:
-            raise JaxLLMError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        for name, value in (("dtype", dtype), ("weight_dtype", weight_dtype or dtype)):
+            if value not in _DTYPES:
+                raise JaxLLMError(f"{name} {value!r} is not one of {', '.join(_DTYPES)}")
         if compilation_cache:
             enable_compilation_cache()
         loaded = load_model(model, log=log)
@@ -112,6 +117,11 @@ class LLM:
             raise JaxLLMError(
                 f"quantization={quantization!r} with mesh={mesh!r}: quantized weights do not "
                 "shard yet; use one or the other"
+            )
+        if mesh is not None and weight_dtype not in (None, dtype):
+            raise JaxLLMError(
+                f"weight_dtype={weight_dtype!r} with mesh={mesh!r}: sharded models hold their "
+                f"weights in dtype={dtype!r}"
             )
         if mesh is not None:
             from jaxllm.sharded_run import shard_generator
@@ -133,6 +143,7 @@ class LLM:
                 dtype=_DTYPES[dtype],
                 attention=resolve_backend(attention),
                 rope_factors=loaded.rope_factors,
+                weight_dtype=_DTYPES[weight_dtype or dtype],
             )
             if quantization is not None:
                 from jaxllm.quant.apply import quantize_for_llm

@@ -85,10 +85,11 @@ class Embedding(nnx.Module):
 
     def __init__(self, table: np.ndarray, *, dtype: Any):
         self.table = _param(table, dtype)
+        self.out_dtype = jnp.dtype(dtype)  # the activations' dtype, whatever the table's
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        """ids [B, T] -> [B, T, E]."""
-        return jnp.take(self.table[...], ids, axis=0)
+        """ids [B, T] -> [B, T, E] in `out_dtype`."""
+        return jnp.take(self.table[...], ids, axis=0).astype(self.out_dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x [B, T, E] -> logits [B, T, V] in float32."""
@@ -275,8 +276,13 @@ class Transformer(nnx.Module):
         attention: str = "xla",
         rope_factors: np.ndarray | None = None,
         mlp_shards: int = 1,
+        weight_dtype: Any = None,
     ):
-        """mlp_shards: the tensor-axis size the MLP's gate/up rows are laid out for."""
+        """mlp_shards: the tensor-axis size the MLP's gate/up rows are laid out for.
+        weight_dtype: store the matrices (linear layers, embedding / tied head) in this dtype
+        (None: `dtype`). bfloat16 under a float32 model halves the weight bytes and runs each
+        product as bf16 x bf16 with float32 accumulation; norms, rope, softmax, the residual
+        stream and the logits stay float32."""
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.attention = attention
@@ -288,6 +294,14 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(params["final_norm"], eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if tied else Linear(params["lm_head"], dtype=dtype)
         self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg, rope_factors)))
+        self.weight_dtype = jnp.dtype(weight_dtype or dtype)
+        if self.weight_dtype != self.dtype:
+            self.embed.table = _param(self.embed.table[...], self.weight_dtype)
+            linears = [self.lm_head] if self.lm_head is not None else []
+            for layer in self.layers:
+                linears += [layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down]
+            for lin in linears:
+                lin.weight = _param(lin.weight[...], self.weight_dtype)
 
     def __call__(
         self,

@@ -79,6 +79,8 @@ def test_bad_requests_raise_and_the_model_keeps_working(smollm2):
 def test_llm_rejects_bad_arguments(tmp_path):
     with pytest.raises(JaxLLMError, match="dtype 'int3' is not one of"):
         LLM("tiny", dtype="int3")
+    with pytest.raises(JaxLLMError, match="weight_dtype 'int4' is not one of"):
+        LLM("tiny", weight_dtype="int4")
     with pytest.raises(JaxLLMError, match="unknown attention backend 'magic'"):
         LLM("tiny", attention="magic")
     with pytest.raises(JaxLLMError, match="is not a file, an HF directory or a known name"):

@@ -42,6 +42,24 @@ def test_native_matches_reference(lead, k, n):
     assert np.abs(got - ref).max() <= 2 * tol
 
 
+@pytest.mark.parametrize("lead,k,n", [((1,), 576, 960), ((9,), 1536, 576), ((2, 3), 37, 5003)])
+def test_native_bf16_weights_match_reference(lead, k, n):
+    """bfloat16 weights: x rounded to bfloat16, float32 accumulation, against float64 numpy
+    on the same rounded values and against the bf16 einsum."""
+    rng = np.random.default_rng(k + n)
+    x = jnp.asarray(rng.standard_normal((*lead, k), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32)).astype(jnp.bfloat16)
+    assert ck.uses_native(x, w)
+    got = np.asarray(jax.jit(ck.linear)(x, w))
+    assert got.dtype == np.float32
+    xr = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    exact = xr @ np.asarray(w.astype(jnp.float32), np.float64).T
+    wmax = float(jnp.abs(w.astype(jnp.float32)).max())
+    tol = 1e-6 * np.sqrt(k) * np.abs(xr).max() * wmax * 4  # float32 accumulation, as above
+    assert np.abs(got - exact).max() <= tol
+    assert np.abs(got - np.asarray(ck.einsum_linear(x, w))).max() <= 2 * tol
+
+
 def test_falls_back_for_many_rows_and_other_dtypes():
     x = jnp.ones((17, 64), jnp.float32)
     w = jnp.ones((32, 64), jnp.float32)

@@ -61,6 +61,31 @@ def test_engine_greedy_equals_static_generate(tiny, static_tokens, config):
     engine.blocks.check()
 
 
+@pytest.mark.parametrize(
+    "kv_dtype,weight_dtype",
+    [("float16", None), ("bfloat16", None), ("float16", "bfloat16")],
+)
+def test_engine_half_kv_cache_equals_static_generate(tiny, kv_dtype, weight_dtype):
+    """Pages in float16/bfloat16 (read in place by the native CPU attention), and bfloat16
+    weights: the engine's greedy tokens equal the static path's with the same dtypes."""
+    from jaxllm import cpu_kernels
+
+    cfg, params = tiny
+    model = Transformer(cfg, params, weight_dtype=weight_dtype)
+    prompts, sp = workload()
+    want = [g.token_ids for g in Generator(model, cache_dtype=kv_dtype).generate(prompts, sp)]
+    config = EngineConfig(num_pages=64, page_size=8, kv_cache_dtype=kv_dtype)
+    engine = LLMEngine(model, config)
+    assert engine.runner.pages[0][0].dtype == np.dtype(kv_dtype)
+    assert engine.runner.split == (not cpu_kernels.available())  # native reads the pages
+    assert [r.output for r in engine.run(prompts, sp)] == want
+
+
+def test_engine_rejects_unknown_kv_cache_dtype():
+    with pytest.raises(JaxLLMError, match="kv_cache_dtype='fp4'"):
+        EngineConfig(kv_cache_dtype="fp4")
+
+
 def test_prefix_cache_shares_pages_and_keeps_outputs(tiny):
     cfg, params = tiny
     rng = np.random.default_rng(1)
@@ -290,4 +315,27 @@ def test_native_paged_attention_shapes(kv_heads, group, dim, page, kv_lens, q_le
     args = ragged_inputs(kv_heads * group, kv_heads, dim, page, kv_lens, q_lens, jnp.float32, pad=0)
     want = ragged_paged_attention_reference(*args, s, sm_scale=dim**-0.5)
     got = cpu_kernels.paged_attention(*args, s, sm_scale=dim**-0.5)
+    assert max_err(got, want) <= 2e-5
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_native_paged_attention_half_pages(dtype):
+    """float16/bfloat16 pages, converted in registers: equal to the reference on the same
+    half-precision values widened to float32."""
+    import jax.numpy as jnp
+
+    from jaxllm import cpu_kernels
+    from pallas_kernels.reference import ragged_paged_attention_reference
+    from tests.test_kernels import max_err, ragged_inputs
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ compiler: the native kernel is not built")
+    kv_lens, q_lens = [1, 37, 50, 20, 300], [1, 5, 50, 1, 300]
+    q, kp, vp, lens, tables, cu = ragged_inputs(9, 3, 64, 16, kv_lens, q_lens, jnp.float32, pad=0)
+    kp, vp = kp.astype(dtype), vp.astype(dtype)
+    want = ragged_paged_attention_reference(
+        q, kp.astype(jnp.float32), vp.astype(jnp.float32), lens, tables, cu, 5, sm_scale=0.125
+    )
+    got = cpu_kernels.paged_attention(q, kp, vp, lens, tables, cu, 5, sm_scale=0.125)
+    assert got.dtype == jnp.float32
     assert max_err(got, want) <= 2e-5

@@ -136,6 +136,36 @@ def test_bfloat16_model_tracks_float32(tiny_config):
     assert np.abs(bf16 - f32).max() <= 5e-2 * np.abs(f32).max()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_bfloat16_weights_under_float32_model(tiny_config, tied):
+    """weight_dtype=bfloat16: the matrices are held in bf16 (no float32 copy in the state the
+    programs jit over); logits equal a float32 model on the same bf16-rounded weights up to
+    rounding the matmul inputs, and beat the all-bfloat16 model's error."""
+    from flax import nnx
+
+    cfg = tiny_config.replace(tie_word_embeddings=tied) if tied else tiny_config
+    params = random_params(cfg, seed=4, scale=0.1)
+    if tied:
+        params.pop("lm_head", None)
+    rounded = jax.tree.map(
+        lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32)), params
+    )
+    for p_r, p in zip(rounded["layers"], params["layers"]):  # norms are not rounded
+        p_r["attn_norm"], p_r["mlp_norm"] = p["attn_norm"], p["mlp_norm"]
+    rounded["final_norm"] = params["final_norm"]
+    model = Transformer(cfg, params, weight_dtype=jnp.bfloat16)
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    big = [a for a in leaves if a.ndim == 2]
+    assert big and all(a.dtype == jnp.bfloat16 for a in big)
+    got = model_logits(cfg, params, IDS, weight_dtype=jnp.bfloat16)
+    want = model_logits(cfg, rounded, IDS)
+    exact = plain_mha_logits(cfg, params, IDS)
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+    all_bf16 = model_logits(cfg, params, IDS, dtype=jnp.bfloat16)
+    assert np.abs(got - exact).max() < np.abs(all_bf16 - exact).max()
+
+
 @pytest.mark.parametrize(
     "name", ["tiny", "smollm2-135m", "llama-3.2-1b", "llama-3.1-8b", "mistral-7b", "qwen2.5-7b"]
 )

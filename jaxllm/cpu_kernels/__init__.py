@@ -1,10 +1,12 @@
 """Native CPU kernels: few-row products with weight matrices (decode on XLA:CPU), and the
 engine's ragged paged attention.
 
-`linear(x, w)` computes x @ w^T for w [out, in]. On the CPU backend, with float32 operands
-and at most 16 rows, it calls `matvec.cc` through the XLA FFI: the kernel streams the
-weights on every core, where XLA:CPU's own dot uses one. Elsewhere (GPU/TPU, bf16,
-prefill-sized inputs) it is the plain einsum, which is also the oracle in its tests.
+`linear(x, w)` computes x @ w^T for w [out, in]. On the CPU backend, with float32 x, float32
+or bfloat16 weights and at most 16 rows, it calls `matvec.cc` through the XLA FFI: the kernel
+streams the weights on every core, where XLA:CPU's own dot uses one. Elsewhere (GPU/TPU,
+bfloat16 activations, prefill-sized inputs) it is the einsum, which is also the oracle in its
+tests. bfloat16 weights under float32 x multiply x rounded to bfloat16 with float32
+accumulation, in both paths.
 
 The kernel is compiled on first use with the system C++ compiler into the jaxllm cache,
 keyed by source, flags and CPU. Without a compiler, or with JAXLLM_CPU_KERNELS=0, the einsum
@@ -35,12 +37,22 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_ROWS = 16
-_TARGET = "jaxllm_matvec"
+# Weight dtype -> (FFI target, library symbol) of the few-row product.
+_MATVEC_TARGETS = {
+    jnp.dtype(jnp.float32): ("jaxllm_matvec", "JaxllmMatVec"),
+    jnp.dtype(jnp.bfloat16): ("jaxllm_matvec_bf16", "JaxllmMatVecBF16"),
+}
 _SOURCES = [
     Path(__file__).with_name(n)
     for n in ("matvec.cc", "paged_attention.cc", "qmatvec.cc", "pool.h", "vec.h")
 ]
-_ATTENTION_TARGET = "jaxllm_paged_attention"
+# Page dtype -> (FFI target, library symbol) of the paged attention kernel.
+_ATTENTION_TARGETS = {
+    jnp.dtype(jnp.float32): ("jaxllm_paged_attention", "JaxllmPagedAttention"),
+    jnp.dtype(jnp.float16): ("jaxllm_paged_attention_f16", "JaxllmPagedAttentionF16"),
+    jnp.dtype(jnp.bfloat16): ("jaxllm_paged_attention_bf16", "JaxllmPagedAttentionBF16"),
+}
+PAGED_DTYPES = tuple(_ATTENTION_TARGETS)
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w", "-pthread"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -110,14 +122,14 @@ def available() -> bool:
                 path = _build()
                 if path is not None:
                     lib = ctypes.cdll.LoadLibrary(str(path))
-                    jax.ffi.register_ffi_target(
-                        _TARGET, jax.ffi.pycapsule(lib.JaxllmMatVec), platform="cpu"
-                    )
-                    jax.ffi.register_ffi_target(
-                        _ATTENTION_TARGET,
-                        jax.ffi.pycapsule(lib.JaxllmPagedAttention),
-                        platform="cpu",
-                    )
+                    for target, symbol in _MATVEC_TARGETS.values():
+                        jax.ffi.register_ffi_target(
+                            target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+                        )
+                    for target, symbol in _ATTENTION_TARGETS.values():
+                        jax.ffi.register_ffi_target(
+                            target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+                        )
                     for name in ("JaxllmQMatVec8", "JaxllmQMatVec4"):  # jaxllm.quant.matmul
                         jax.ffi.register_ffi_target(
                             name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
@@ -128,14 +140,23 @@ def available() -> bool:
 
 
 def einsum_linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """The reference: x [..., in] @ w [out, in]^T."""
+    """The reference: x [..., in] @ w [out, in]^T. Weights narrower than x (bfloat16 weights
+    of a float32 model) multiply x rounded to their dtype, accumulate in float32 and give x's
+    dtype: the full-rate bf16 dot where the hardware has one (2x float32's on AVX512-BF16)."""
+    if w.dtype != x.dtype and jnp.dtype(w.dtype).itemsize < jnp.dtype(x.dtype).itemsize:
+        y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
     return jnp.einsum("...i,oi->...o", x, w)
 
 
 def native_linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """The FFI kernel (no shape or platform checks: see `linear`)."""
+    """The FFI kernel (no shape or platform checks: see `linear`). bfloat16 weights multiply
+    x rounded to bfloat16, as `einsum_linear` does."""
+    if w.dtype == jnp.bfloat16:
+        x = x.astype(jnp.bfloat16).astype(jnp.float32)
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[0],), jnp.float32)
-    return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(x, w)
+    target = _MATVEC_TARGETS[jnp.dtype(w.dtype)][0]
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, w)
 
 
 @jax.custom_vjp
@@ -149,7 +170,8 @@ def _fwd(x, w):
 
 def _bwd(res, g):
     x, w = res
-    return jnp.einsum("...o,oi->...i", g, w), jnp.einsum("...o,...i->oi", g, x)
+    gx = jnp.einsum("...o,oi->...i", g, w.astype(g.dtype)).astype(x.dtype)
+    return gx, jnp.einsum("...o,...i->oi", g, x.astype(g.dtype)).astype(w.dtype)
 
 
 _linear_with_grad.defvjp(_fwd, _bwd)
@@ -162,7 +184,7 @@ def uses_native(x: jax.Array, w: jax.Array) -> bool:
     return (
         rows <= MAX_ROWS
         and x.dtype == jnp.float32
-        and w.dtype == jnp.float32
+        and w.dtype in _MATVEC_TARGETS
         and w.ndim == 2
         and jax.default_backend() == "cpu"
         and available()
@@ -187,16 +209,23 @@ def paged_attention(
     *,
     sm_scale: float,
 ) -> jax.Array:
-    """`ragged_paged_attention` on CPU through `paged_attention.cc` (float32; G <= 16, page
-    size <= 256, head_dim a multiple of 16). q [T, H, D], pages [K, P, page, D] -> [T, H, D].
-    Call only where `available()`; the jnp reference is its oracle."""
+    """`ragged_paged_attention` on CPU through `paged_attention.cc` (G <= 16, page size <= 256,
+    head_dim a multiple of 16). q [T, H, D], pages [K, P, page, D] -> [T, H, D]. The pages are
+    read as they are stored (float32, float16 or bfloat16: `PAGED_DTYPES`), q and the result
+    in float32. Call only where `available()`; the jnp reference is its oracle."""
     t, h, d = q.shape
     kh = k_pages.shape[0]
+    if k_pages.dtype != v_pages.dtype or k_pages.dtype not in _ATTENTION_TARGETS:
+        raise ValueError(
+            f"paged_attention: pages of {k_pages.dtype}/{v_pages.dtype}; the kernel reads "
+            f"{', '.join(str(t) for t in PAGED_DTYPES)}"
+        )
+    target = _ATTENTION_TARGETS[jnp.dtype(k_pages.dtype)][0]
     out = jax.ShapeDtypeStruct((t, kh, h // kh, d), jnp.float32)
-    res = jax.ffi.ffi_call(_ATTENTION_TARGET, out, vmap_method="sequential")(
+    res = jax.ffi.ffi_call(target, out, vmap_method="sequential")(
         q.reshape(t, kh, h // kh, d).astype(jnp.float32),
-        k_pages.astype(jnp.float32),
-        v_pages.astype(jnp.float32),
+        k_pages,
+        v_pages,
         kv_lens.astype(jnp.int32),
         block_tables.astype(jnp.int32),
         cu_q_lens.astype(jnp.int32),

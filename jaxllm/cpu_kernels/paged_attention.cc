@@ -5,6 +5,11 @@
 //                        block_tables [S, maxp], cu_q_lens [S + 1], num_seqs [1]; scale)
 //     -> out [T, K, G, D]
 //
+// q and out are float32. The pages are float32 (JaxllmPagedAttention), float16
+// (JaxllmPagedAttentionF16, llama.cpp's default cache) or bfloat16 (JaxllmPagedAttentionBF16):
+// a decode step is bound by reading the cache, so half-width pages are converted to float32
+// in registers as they are read, never copied.
+//
 // Sequence s owns rows cu_q_lens[s]:cu_q_lens[s+1], the last q_len of its kv_len tokens, and
 // attends causally to its own pages. A work item is (sequence, KV head, block of up to 4
 // rows): it walks the pages once, scoring each key for all G query heads of each row (K/V
@@ -36,8 +41,29 @@ struct Item {
   int32_t seq, head, row0, rows;
 };
 
+// The page element types (vec.h's loads): Load gives kLanes of them as float32.
+struct F32Pages {
+  using T = float;
+  static constexpr ffi::DataType kType = ffi::F32;
+  static Vec Load(const T* p) { return ::Load(p); }
+};
+
+struct F16Pages {
+  using T = uint16_t;
+  static constexpr ffi::DataType kType = ffi::F16;
+  static Vec Load(const T* p) { return LoadF16(p); }
+};
+
+struct BF16Pages {
+  using T = uint16_t;
+  static constexpr ffi::DataType kType = ffi::BF16;
+  static Vec Load(const T* p) { return LoadBF16(p); }
+};
+
+template <typename Pages>
 struct Problem {
-  const float *q, *k, *v;
+  const float* q;
+  const typename Pages::T *k, *v;
   const int32_t *kv_lens, *tables, *cu;
   float* out;
   int64_t kh, g, d, pages, page, maxp;
@@ -114,15 +140,21 @@ inline Vec Exp(Vec x) {
 // One item: its rows * G query vectors walk the sequence's pages in chunks of kLanes keys.
 // Each chunk's scores come out as one vector per query (SumEach), its exponentials are taken
 // together, and the online-softmax rescale happens once per chunk.
-void RunItem(const Problem& p, const Item& it) {
+template <typename Pages>
+void RunItem(const Problem<Pages>& p, const Item& it) {
   const int64_t g = p.g, d = p.d, page = p.page, nv = d / kLanes;
   const int64_t nq = it.rows * g;  // query vectors in this item
   const int32_t kv_len = p.kv_lens[it.seq];
   const int32_t q_len = p.cu[it.seq + 1] - p.cu[it.seq];
   const int64_t first_pos = kv_len - q_len + it.row0;  // position of the item's first row
   const int64_t last_pos = first_pos + it.rows - 1;
-  std::vector<Vec> qs(nq * nv), acc(nq * nv, Vec{});
-  std::vector<float> m(nq, -INFINITY), l(nq, 0.f);
+  // Per-thread scratch, grown once: an item allocates nothing.
+  thread_local std::vector<Vec> qs, acc;
+  thread_local std::vector<float> m, l;
+  qs.resize(nq * nv);
+  acc.assign(nq * nv, Vec{});
+  m.assign(nq, -INFINITY);
+  l.assign(nq, 0.f);
   for (int64_t r = 0; r < it.rows; ++r) {
     const int64_t t = p.cu[it.seq] + it.row0 + r;
     for (int64_t gi = 0; gi < g; ++gi) {
@@ -141,8 +173,8 @@ void RunItem(const Problem& p, const Item& it) {
     const int64_t off = ((it.head * p.pages) + table[pi]) * page * d;
     for (int64_t c0 = 0; c0 < n_keys; c0 += kLanes) {
       const int64_t nk = std::min<int64_t>(kLanes, n_keys - c0);
-      const float* kp = p.k + off + c0 * d;
-      const float* vp = p.v + off + c0 * d;
+      const typename Pages::T* kp = p.k + off + c0 * d;
+      const typename Pages::T* vp = p.v + off + c0 * d;
       for (int64_t qi = 0; qi < nq; ++qi) {
         const int64_t r = qi / g;
         const int64_t visible = std::min<int64_t>(nk, first_pos + r + 1 - base - c0);
@@ -151,8 +183,8 @@ void RunItem(const Problem& p, const Item& it) {
         for (int64_t j = 0; j < kLanes; ++j) {
           Vec a = {};
           if (j < visible) {
-            const float* kj = kp + j * d;
-            for (int64_t v = 0; v < nv; ++v) a += q[v] * Load(kj + v * kLanes);
+            const typename Pages::T* kj = kp + j * d;
+            for (int64_t v = 0; v < nv; ++v) a += q[v] * Pages::Load(kj + v * kLanes);
           }
           part[j] = a;
         }
@@ -169,8 +201,8 @@ void RunItem(const Problem& p, const Item& it) {
         }
         for (int64_t j = 0; j < visible; ++j) {
           const float ej = e[j];
-          const float* vj = vp + j * d;
-          for (int64_t v = 0; v < nv; ++v) a[v] += ej * Load(vj + v * kLanes);
+          const typename Pages::T* vj = vp + j * d;
+          for (int64_t v = 0; v < nv; ++v) a[v] += ej * Pages::Load(vj + v * kLanes);
         }
       }
     }
@@ -189,8 +221,9 @@ void RunItem(const Problem& p, const Item& it) {
   }
 }
 
-ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
-                          ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> kv_lens,
+template <typename Pages>
+ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<Pages::kType> k_pages,
+                          ffi::Buffer<Pages::kType> v_pages, ffi::Buffer<ffi::S32> kv_lens,
                           ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> cu_q_lens,
                           ffi::Buffer<ffi::S32> num_seqs, float scale,
                           ffi::ResultBuffer<ffi::F32> out) {
@@ -201,7 +234,9 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages
     return ffi::Error::InvalidArgument("JaxllmPagedAttention: q [T,K,G,D], pages [K,P,page,D]");
   }
   const int64_t t = qd[0];
-  Problem p{q.typed_data(),        k_pages.typed_data(),   v_pages.typed_data(),
+  Problem<Pages> p{q.typed_data(),
+                   reinterpret_cast<const typename Pages::T*>(k_pages.untyped_data()),
+                   reinterpret_cast<const typename Pages::T*>(v_pages.untyped_data()),
             kv_lens.typed_data(),  block_tables.typed_data(), cu_q_lens.typed_data(),
             out->typed_data(),     qd[1], qd[2], qd[3], kd[1], kd[2], bd[1], scale};
   if (p.g > kMaxG || p.page > kMaxPage || kd[0] != p.kh || kd[3] != p.d ||
@@ -230,7 +265,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages
   const JaxllmPool::Task task = [&](int, int) {
     for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(items.size());
          i = next.fetch_add(1)) {
-      RunItem(p, items[i]);
+      RunItem<Pages>(p, items[i]);
     }
   };
   if (items.size() <= 1) {
@@ -243,14 +278,19 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmPagedAttention, PagedAttention,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define JAXLLM_PAGED_HANDLER(name, pages)                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, PagedAttention<pages>,                  \
+                                ffi::Ffi::Bind()                              \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<pages::kType>>()         \
+                                    .Arg<ffi::Buffer<pages::kType>>()         \
+                                    .Arg<ffi::Buffer<ffi::S32>>()             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()             \
+                                    .Attr<float>("scale")                     \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+
+JAXLLM_PAGED_HANDLER(JaxllmPagedAttention, F32Pages)
+JAXLLM_PAGED_HANDLER(JaxllmPagedAttentionF16, F16Pages)
+JAXLLM_PAGED_HANDLER(JaxllmPagedAttentionBF16, BF16Pages)

@@ -4,6 +4,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 constexpr int64_t kLanes = 16;  // one 64-byte cache line of floats
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
@@ -18,4 +22,48 @@ inline float Sum(Vec v) {
   float s = 0.0f;
   for (int64_t i = 0; i < kLanes; ++i) s += v[i];
   return s;
+}
+
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  float f;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24
+    f = static_cast<float>(man) * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else {
+    bits = sign | (exp == 31 ? (0xffu << 23) | (man << 13) : ((exp + 112) << 23) | (man << 13));
+  }
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// kLanes IEEE halves (bits) as floats: one vcvtph2ps with AVX-512.
+inline Vec LoadF16(const uint16_t* p) {
+  Vec r;
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&r, &v, sizeof(Vec));
+#elif defined(__F16C__)
+  for (int i = 0; i < kLanes; i += 8) {
+    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)));
+    std::memcpy(reinterpret_cast<float*>(&r) + i, &v, sizeof(v));
+  }
+#else
+  for (int i = 0; i < kLanes; ++i) r[i] = HalfToFloat(p[i]);
+#endif
+  return r;
+}
+
+// kLanes bfloat16s (the high halves of floats) as floats: widen and shift.
+inline Vec LoadBF16(const uint16_t* p) {
+  typedef uint16_t U16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  typedef uint32_t U32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  U16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const U32 u = __builtin_convertvector(h, U32) << 16;
+  Vec r;
+  std::memcpy(&r, &u, sizeof(Vec));
+  return r;
 }

@@ -16,7 +16,9 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.engine.block_manager import BlockManager
@@ -28,6 +30,8 @@ from jaxllm.generate import stop_token_list
 from jaxllm.model import Transformer
 from jaxllm.sampling import SamplingParams
 
+KV_CACHE_DTYPES = (None, "float32", "float16", "bfloat16")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -36,7 +40,11 @@ class EngineConfig:
 
     The pool sets how many requests decode together, and decode only reaches the GEMM rate
     at wide batches (see JAX_NOTES), so it is sized like vLLM's: generously. 1.5 GiB holds
-    about 34k tokens of SmolLM2-135M in float32, every request of a 64-request workload."""
+    about 34k tokens of SmolLM2-135M in float32, every request of a 64-request workload.
+
+    `kv_cache_dtype` (None: the model's) stores the pages in float16 or bfloat16: half the
+    bytes per token, and decode reads the whole cache every step (llama.cpp's default cache
+    is float16). The native CPU attention reads such pages in place."""
 
     page_size: int = 16
     num_pages: int | None = None
@@ -44,11 +52,26 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise JaxLLMError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of "
+                f"{', '.join(str(d) for d in KV_CACHE_DTYPES)}"
+            )
+
+    def cache_dtype(self, model: Transformer) -> Any:
+        """The pages' dtype: `kv_cache_dtype`, else the model's (a KV quantization recipe's
+        `kv_cache_dtype`, else its compute dtype)."""
+        if self.kv_cache_dtype is not None:
+            return jnp.dtype(self.kv_cache_dtype)
+        return getattr(model, "kv_cache_dtype", None) or model.dtype
 
     def pages_for(self, model: Transformer) -> int:
         if self.num_pages is not None:
             return self.num_pages
-        kv_dtype = getattr(model, "kv_cache_dtype", None) or model.dtype
+        kv_dtype = self.cache_dtype(model)
         per_page = kv_bytes_per_token(model.config, kv_dtype) * self.page_size
         full = self.max_num_seqs * -(-model.config.max_position_embeddings // self.page_size)
         return max(1, min(self.kv_cache_bytes // per_page, full))
@@ -143,7 +166,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
         )
-        self.runner = ModelRunner(model, num_pages, config.page_size)
+        self.runner = ModelRunner(model, num_pages, config.page_size, config.cache_dtype(model))
         self.requests: dict[str, Request] = {}  # request id -> its first sequence
         self.groups: dict[str, SampleGroup | BeamGroup] = {}
         self._ids = itertools.count()
