@@ -14,6 +14,7 @@ Axes as in jaxllm/model.py: batch B, positions T, cache slots S, KV heads K, hea
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -219,7 +220,10 @@ def shard_engine(engine: Any, mesh: Mesh) -> Any:
                 engine.model_config.head_dim,
             )
         )
-    impl, whole = runner._step_impl, NamedSharding(mesh, R.spec(()))
+    from jaxllm.engine.model_runner import copy_pages_impl, step_impl
+
+    impl = functools.partial(step_impl, runner.graphdef)
+    whole = NamedSharding(mesh, R.spec(()))
 
     def step(state, pages, *rest, **static):
         with cpu_kernels.einsum_only():
@@ -232,7 +236,7 @@ def shard_engine(engine: Any, mesh: Mesh) -> Any:
         static_argnames=("logprobs_k", "prompt_k", "penalties"),
         out_shardings=(page_sharding, whole),
     )
-    runner._copy = jax.jit(runner._copy_impl, donate_argnums=(0,), out_shardings=page_sharding)
+    runner._copy = jax.jit(copy_pages_impl, donate_argnums=(0,), out_shardings=page_sharding)
     return engine
 
 

@@ -165,10 +165,21 @@ def test_compilations_stay_within_buckets(tiny):
     )
     with CompileCounter() as counter:
         engine.run(prompts, sp)
-    step_programs = [n for n in counter.names if "_step_impl" in n]
-    assert len(step_programs) == len(engine.runner.compiled_shapes)
+    step_programs = [n for n in counter.names if "step_impl" in n]
+    # Programs are shared by engines on the same model structure: earlier tests' engines on
+    # the tiny model may have compiled some of these buckets already.
+    assert 0 < len(step_programs) <= len(engine.runner.compiled_shapes)
     # tokens {16..128} x sequences {1..32} x pages {1..8}, of which a workload meets few
     assert len(engine.runner.compiled_shapes) <= 20
+    # A second engine (a new pool) on a model of the same structure compiles nothing for
+    # the same workload, and gives the same tokens.
+    again = LLMEngine(Transformer(cfg, params),
+                      EngineConfig(num_pages=256, page_size=16, max_num_batched_tokens=128,
+                                   max_num_seqs=32))  # fmt: skip
+    with CompileCounter() as counter:
+        done = again.run(prompts, sp)
+    assert [n for n in counter.names if "step_impl" in n] == []
+    assert [r.output for r in done] == [r.output for r in engine.run(prompts, sp)]
 
 
 # ---------------------------------------------------------------------------------------------
