@@ -25,6 +25,14 @@ def test_fake_quant_forward_is_the_quantizer_and_gradient_passes_straight_throug
     )
     grad = jax.grad(lambda w: jnp.sum(fake_quant(w, 4, 32) * c))(w)
     np.testing.assert_array_equal(np.asarray(grad), np.asarray(c))
+    # Double-quantized int4 scales: the forward is that quantizer too (w + (dq - w) is dq up
+    # to float32 rounding).
+    double = dict(symmetric=False, scale_bits=8)
+    np.testing.assert_allclose(
+        np.asarray(fake_quant(w, 4, 32, **double)),
+        np.asarray(dequantize(quantize(w, 4, 32, **double))),
+        rtol=1e-6, atol=1e-7,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

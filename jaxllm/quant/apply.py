@@ -36,7 +36,7 @@ def rtn_quantizer(
     return quantize(w, bits, group, name=name, symmetric=symmetric, **scales)
 
 
-def _scale_options(cfg: QuantConfig, bits: int) -> dict:
+def scale_options(cfg: QuantConfig, bits: int) -> dict:
     """The quantizer's double-quantization keywords for a part with `bits`-bit weights."""
     if cfg.scale_bits is None or bits != 4:
         return {}
@@ -93,7 +93,7 @@ def quantize_model(
 
                 s = smoothing_factors(act_absmax[name], w, cfg.smoothquant)
                 w, inv_smooth = w * s[None, :], 1.0 / s
-            scales = _scale_options(cfg, cfg.weight_bits)
+            scales = scale_options(cfg, cfg.weight_bits)
             qw = quantizer(name, w, cfg.weight_bits, cfg.group_size, cfg.symmetric, **scales)
         else:
             continue
@@ -117,7 +117,7 @@ def quantize_model(
         elif cfg.embed_bits is not None:
             group = cfg.group_size if cfg.embed_bits == 4 else None
             sym = cfg.symmetric or cfg.embed_bits == 8
-            scales = _scale_options(cfg, cfg.embed_bits)
+            scales = scale_options(cfg, cfg.embed_bits)
             qw = quantizer("embed", model.embed.table[...], cfg.embed_bits, group, sym, **scales)
             # A tied head multiplies with the embedding: it takes the activation recipe too.
             act = cfg.activation_bits if model.lm_head is None and group is None else None
