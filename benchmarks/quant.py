@@ -38,7 +38,7 @@ from jaxllm.quant.gguf_native import native_weights
 from jaxllm.quant.gptq import CALIBRATION_TEXT, calibration_windows, gptq_quantizer
 from jaxllm.quant.kv import kv_bytes_per_element
 from jaxllm.quant.layers import QuantizedEmbedding, QuantizedLinear
-from jaxllm.quant.qtensor import check_groups
+from jaxllm.quant.qtensor import check_groups, super_block_count
 from jaxllm.quant.smoothquant import input_absmax
 
 DEFAULT_RECIPES = (
@@ -72,6 +72,9 @@ def check_recipe_fits(recipe: str, cfg) -> None:
     if qc.group_size is not None:
         for n_in in (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim):
             check_groups((1, n_in), qc.group_size, f"a {n_in}-input matrix")
+            if qc.scale_bits is not None:
+                groups = n_in // qc.group_size
+                super_block_count(groups, qc.scale_block, f"a {n_in}-input matrix")
 
 
 def decode_rate(model, prompts, batch: int, new_tokens: int) -> float:

@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     bits = qc.embed_bits
     group = qc.group_size if bits == 4 else None
     symmetric = qc.symmetric or bits == 8
+    scale_options = {}  # the recipe's double-quantized group scales, for an int4 table
+    if qc.scale_bits is not None and bits == 4:
+        scale_options = dict(scale_bits=qc.scale_bits, scale_block=qc.scale_block)
     llm = LLM(args.model, log=lambda *a: print(*a, file=sys.stderr), engine=False)
     calib = calibration_windows(llm.encode(CALIBRATION_TEXT.read_text()), 512, count=4)
     t0 = time.perf_counter()
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
         best, scores = choose_alpha(
             llm.model, calib, alphas, bits, group, symmetric,
             log=lambda s, v=variant: print(v, s, file=sys.stderr),
-            gptq_options=variant_options(variant), grams=grams,
+            gptq_options={**variant_options(variant), **scale_options}, grams=grams,
         )  # fmt: skip
         lines += [
             f"| {variant} | {a:g} | {p:.4f}{' (best)' if a == best and len(alphas) > 1 else ''} |"

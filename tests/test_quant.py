@@ -144,7 +144,9 @@ def tiny():
     return cfg, random_params(cfg, scale=0.1)
 
 
-@pytest.mark.parametrize("recipe", ["int8", "int4-g32", "w8a8", "int4-g32+kv-int8"])
+@pytest.mark.parametrize(
+    "recipe", ["int8", "int4-g32", "int4-g32-f16s", "w8a8", "int4-g32+kv-int8"]
+)
 def test_jitted_step_takes_integer_weights_and_no_float_copy(tiny, recipe):
     cfg, params = tiny
     gen = Generator(quantize_model(Transformer(cfg, params), recipe))
@@ -163,7 +165,18 @@ def test_jitted_step_takes_integer_weights_and_no_float_copy(tiny, recipe):
     int_dtypes = {
         a.dtype for a in avals if a.ndim == 2 and not jnp.issubdtype(a.dtype, jnp.floating)
     }
-    assert int_dtypes == ({jnp.dtype(jnp.uint8)} if "int4" in recipe else {jnp.dtype(jnp.int8)})
+    if "f16s" in recipe or "int4" not in recipe:
+        want = {jnp.dtype(jnp.uint8)} if "int4" in recipe else {jnp.dtype(jnp.int8)}
+    else:  # int4 codes and uint8 scale codes, int8 offset codes
+        want = {jnp.dtype(jnp.uint8), jnp.dtype(jnp.int8)}
+    assert int_dtypes == want
+    if "int4" in recipe:  # group scales: float16 (f16s) or codes under [O, 1] super-scales
+        scale_dtypes = {
+            a.dtype for a in avals if a.ndim == 2 and a.shape[1] == cfg.hidden_size // 32
+        }
+        f16_supers = [a for a in avals if a.dtype == jnp.float16 and a.shape[1:] == (1,)]
+        assert (jnp.dtype(jnp.float16) in scale_dtypes) == ("f16s" in recipe)
+        assert bool(f16_supers) == ("f16s" not in recipe)
 
 
 # Max logit error relative to the largest logit, random weights of std 0.1.
@@ -275,7 +288,7 @@ def test_cli_generate_quant_and_quantize_report(smollm2):
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     down = rows["layers.3.mlp.down"]
     w = np.asarray(smollm2.model.layers[3].mlp.down.weight[...])
-    assert down["bytes"] == rtn(w, 4, 32, symmetric=False).nbytes
+    assert down["bytes"] == rtn(w, 4, 32, symmetric=False, scale_bits=8).nbytes
     r = run_cli("quantize", "--recipe", "int4-g128")
     assert r.returncode == 2 and "group size 128 does not divide" in r.stderr
 

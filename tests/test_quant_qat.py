@@ -25,6 +25,14 @@ def test_fake_quant_forward_is_the_quantizer_and_gradient_passes_straight_throug
     )
     grad = jax.grad(lambda w: jnp.sum(fake_quant(w, 4, 32) * c))(w)
     np.testing.assert_array_equal(np.asarray(grad), np.asarray(c))
+    # Double-quantized int4 scales: the forward is that quantizer too (w + (dq - w) is dq up
+    # to float32 rounding).
+    double = dict(symmetric=False, scale_bits=8)
+    np.testing.assert_allclose(
+        np.asarray(fake_quant(w, 4, 32, **double)),
+        np.asarray(dequantize(quantize(w, 4, 32, **double))),
+        rtol=1e-6, atol=1e-7,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +76,23 @@ def test_resumed_training_equals_an_uninterrupted_run(tiny, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
-def test_report_matches_hand_computed_errors(tiny):
+@pytest.mark.parametrize("recipe", ["int4-g32", "int4-g32-f16s"])
+def test_report_matches_hand_computed_errors(tiny, recipe):
     cfg, params, _ = tiny
     model = Transformer(cfg, params)
-    rows = layer_report(model, quantize_model(nnx.clone(model), "int4-g32"))
+    rows = layer_report(model, quantize_model(nnx.clone(model), recipe))
     assert len(rows) == 4 * cfg.num_layers + 2  # + untied head + embedding
     down = next(r for r in rows if r["name"] == "layers.1.mlp.down")
     w = params["layers"][1]["w_down"].T  # [out, in]
-    dq = np.asarray(dequantize(quantize(w, 4, 32, symmetric=False)))
-    assert down["format"] == "int4 g32 asym" and down["shape"] == w.shape
-    assert down["bytes"] == w.size // 2 + (w.size // 32) * 4  # codes, f16 scales and offsets
+    f16 = recipe.endswith("f16s")
+    dq = np.asarray(dequantize(quantize(w, 4, 32, symmetric=False, scale_bits=None if f16 else 8)))
+    assert down["shape"] == w.shape
+    if f16:  # codes, f16 scales and offsets
+        assert down["format"] == "int4 g32 asym"
+        assert down["bytes"] == w.size // 2 + (w.size // 32) * 4
+    else:  # codes, uint8 scale and int8 offset codes, two f16 super-scales per row
+        assert down["format"] == "int4 g32 asym s8"
+        assert down["bytes"] == w.size // 2 + (w.size // 32) * 2 + w.shape[0] * 4
     np.testing.assert_allclose(
         down["rel_error"], np.linalg.norm(w - dq) / np.linalg.norm(w), rtol=1e-5
     )

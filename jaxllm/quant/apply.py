@@ -26,14 +26,21 @@ from jaxllm.quant.layers import (
 from jaxllm.quant.qtensor import QuantizedWeight, check_groups, quantize
 
 # (name, float weight [out, in], bits, group, symmetric) -> quantized weight; round-to-nearest
-# by default.
-Quantizer = Callable[[str, jax.Array, int, int | None, bool], QuantizedWeight]
+# by default. Double-quantized int4 scales add the keywords scale_bits and scale_block.
+Quantizer = Callable[..., QuantizedWeight]
 
 
 def rtn_quantizer(
-    name: str, w: jax.Array, bits: int, group: int | None, symmetric: bool = True
+    name: str, w: jax.Array, bits: int, group: int | None, symmetric: bool = True, **scales
 ) -> QuantizedWeight:
-    return quantize(w, bits, group, name=name, symmetric=symmetric)
+    return quantize(w, bits, group, name=name, symmetric=symmetric, **scales)
+
+
+def scale_options(cfg: QuantConfig, bits: int) -> dict:
+    """The quantizer's double-quantization keywords for a part with `bits`-bit weights."""
+    if cfg.scale_bits is None or bits != 4:
+        return {}
+    return dict(scale_bits=cfg.scale_bits, scale_block=cfg.scale_block)
 
 
 def linear_slots(model: Transformer) -> Iterator[tuple[str, object, str]]:
@@ -86,7 +93,8 @@ def quantize_model(
 
                 s = smoothing_factors(act_absmax[name], w, cfg.smoothquant)
                 w, inv_smooth = w * s[None, :], 1.0 / s
-            qw = quantizer(name, w, cfg.weight_bits, cfg.group_size, cfg.symmetric)
+            scales = scale_options(cfg, cfg.weight_bits)
+            qw = quantizer(name, w, cfg.weight_bits, cfg.group_size, cfg.symmetric, **scales)
         else:
             continue
         act_group = cfg.activation_group if cfg.activation_bits else None
@@ -109,7 +117,8 @@ def quantize_model(
         elif cfg.embed_bits is not None:
             group = cfg.group_size if cfg.embed_bits == 4 else None
             sym = cfg.symmetric or cfg.embed_bits == 8
-            qw = quantizer("embed", model.embed.table[...], cfg.embed_bits, group, sym)
+            scales = scale_options(cfg, cfg.embed_bits)
+            qw = quantizer("embed", model.embed.table[...], cfg.embed_bits, group, sym, **scales)
             # A tied head multiplies with the embedding: it takes the activation recipe too.
             act = cfg.activation_bits if model.lm_head is None and group is None else None
             model.embed = QuantizedEmbedding(qw, model.dtype, act)

@@ -32,6 +32,11 @@ class QuantConfig:
     smoothquant: SmoothQuant's migration strength alpha for w8a8 (needs calibration text).
     symmetric: False for int4 codes over each group's [min, max] (a float16 offset per group,
       GGUF Q4_1's form) instead of around zero.
+    scale_bits: 8 double-quantizes asymmetric int4's float16 group scales and offsets to
+      uint8 / int8 codes under float16 super-scales (llama.cpp's k-quants, QLoRA); None keeps
+      them float16.
+    scale_block: groups sharing one super-scale (must divide each row's group count); None:
+      one per row.
     method: `rtn` (round to nearest), `gptq` (needs calibration text) or `gguf` (the GGUF
       file's own Q8_0/Q4_0/Q4_1 blocks, loaded as they are).
     gguf_activations: with the gguf method, `q8` multiplies each block weight the way
@@ -53,6 +58,8 @@ class QuantConfig:
     kv_bits: int | None = None
     method: str = "rtn"
     symmetric: bool = True
+    scale_bits: int | None = None
+    scale_block: int | None = None
     smoothquant: float | None = None
     gguf_activations: str | None = None
     kv_dtype: str | None = None
@@ -64,6 +71,7 @@ class QuantConfig:
             ("embed_bits", (None, 4, 8)),
             ("activation_bits", (None, 8)),
             ("kv_bits", (None, 8)),
+            ("scale_bits", (None, 8)),
             ("gguf_activations", (None, "q8")),
             ("kv_dtype", (None, "float16", "bfloat16", "float32")),
         ):
@@ -91,6 +99,19 @@ class QuantConfig:
             raise JaxLLMError(
                 f"recipe {self.name!r}: asymmetric quantization is for int4 weights only "
                 "(int8 parts stay symmetric)"
+            )
+        if self.scale_bits is not None and (self.symmetric or 4 not in (
+            self.weight_bits, self.embed_bits
+        )):  # fmt: skip
+            raise JaxLLMError(
+                f"recipe {self.name!r}: scale_bits={self.scale_bits} is for asymmetric int4 "
+                f"weights, got symmetric={self.symmetric}, weight_bits={self.weight_bits}, "
+                f"embed_bits={self.embed_bits}"
+            )
+        if self.scale_block is not None and (self.scale_bits is None or self.scale_block <= 0):
+            raise JaxLLMError(
+                f"recipe {self.name!r}: scale_block={self.scale_block} needs scale_bits and a "
+                "positive number of groups"
             )
         if self.smoothquant is not None and (
             self.activation_bits is None or not 0.0 <= self.smoothquant <= 1.0

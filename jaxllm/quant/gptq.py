@@ -32,17 +32,29 @@ from jaxllm.quant.qtensor import (
     QuantizedWeight,
     asymmetric_params,
     check_groups,
+    check_scale_bits,
+    double_quantized_params,
     quantize,
     quantize_asymmetric_with,
+    quantize_double,
     quantize_with_scale,
     rtn_scale,
+    super_block_count,
+    super_scales,
 )
 
 CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
-def _group_params(block, bits: int, group: int, symmetric: bool):
-    """float32 (scale, offset) [O, G] of each group in block [O, G * group]."""
+def _group_params(block, bits: int, group: int, symmetric: bool, supers=None):
+    """float32 (scale, offset) [O, G] of each group in block [O, G * group]; with `supers`
+    (scale_super, offset_super [O, S] over the block's groups), the double-quantized grid."""
+    if supers is not None:
+        c, k = double_quantized_params(block, group, *supers)
+        n = block.shape[1] // group
+        rep = n // supers[0].shape[1]
+        s = c.astype(jnp.float32) * jnp.repeat(supers[0].astype(jnp.float32), rep, axis=1)
+        return s, k.astype(jnp.float32) * jnp.repeat(supers[1].astype(jnp.float32), rep, axis=1)
     if symmetric:
         s = rtn_scale(block, bits, group, jnp.float32 if bits == 8 else INT4_SCALE_DTYPE)
         return s.astype(jnp.float32), jnp.zeros(s.shape, jnp.float32)
@@ -55,8 +67,8 @@ def _group_params(block, bits: int, group: int, symmetric: bool):
     static_argnames=("bits", "group", "percdamp", "symmetric", "act_order", "static_groups"),
 )
 def _gptq_sweep(
-    w, h, *, bits: int, group: int, percdamp: float, symmetric: bool, act_order: bool,
-    static_groups: bool,
+    w, h, supers=None, *, bits: int, group: int, percdamp: float, symmetric: bool,
+    act_order: bool, static_groups: bool,
 ):  # fmt: skip
     """Returns (error-compensated weights [O, I], scales [O, N], offsets [O, N]):
     round-to-nearest of the weights under the scales (and offsets) is the result.
@@ -66,7 +78,8 @@ def _gptq_sweep(
     done its errors reach every later column in one matmul. Group grids are taken from the
     weights as compensated when the sweep enters the group (GPTQ's order) or, with
     `static_groups` (implied by `act_order`, which visits columns out of group order), from
-    the original weights before the sweep.
+    the original weights before the sweep. `supers`: double-quantized scales' super-scales
+    [O, S], fixed before the sweep; each group's scale and offset codes are chosen on them.
     """
     n_out, n_in = w.shape
     n_groups = n_in // group
@@ -80,7 +93,7 @@ def _gptq_sweep(
     # later columns remain to absorb their error.
     perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(n_in)
     if static_groups:
-        scale, offset = _group_params(w, bits, group, symmetric)
+        scale, offset = _group_params(w, bits, group, symmetric, supers)
     else:
         scale = jnp.ones((n_out, n_groups), jnp.float32)
         offset = jnp.zeros((n_out, n_groups), jnp.float32)
@@ -98,7 +111,11 @@ def _gptq_sweep(
         start = b * group
         blk = jax.lax.dynamic_slice(w, (0, start), (n_out, group))
         if not static_groups:  # the block is group b, compensated up to here
-            s_b, o_b = _group_params(blk, bits, group, symmetric)
+            sup_b = None
+            if supers is not None:  # group b's super-block's super-scales [O, 1]
+                at = (0, b // (n_groups // supers[0].shape[1]))
+                sup_b = tuple(jax.lax.dynamic_slice(a, at, (n_out, 1)) for a in supers)
+            s_b, o_b = _group_params(blk, bits, group, symmetric, sup_b)
             scale = jax.lax.dynamic_update_slice(scale, s_b, (0, b))
             offset = jax.lax.dynamic_update_slice(offset, o_b, (0, b))
         gid = jax.lax.dynamic_slice(perm, (start,), (group,)) // group
@@ -121,6 +138,8 @@ def _gptq_sweep(
 
     w, scale, offset = jax.lax.fori_loop(0, n_groups, block_body, (w, scale, offset))
     w = w[:, jnp.argsort(perm)]
+    if supers is not None:  # float32 decoded grids, exact multiples of the super-scales
+        return w, scale, offset
     scale_dtype = jnp.float32 if bits == 8 else INT4_SCALE_DTYPE
     return w, scale.astype(scale_dtype), offset.astype(scale_dtype)
 
@@ -134,19 +153,33 @@ def gptq_quantize(
     symmetric: bool = True,
     act_order: bool = False,
     static_groups: bool = False,
+    scale_bits: int | None = None,
+    scale_block: int | None = None,
 ) -> QuantizedWeight:
     """GPTQ of w [O, I] for inputs with Hessian h [I, I]; same layout as `quantize`.
 
     percdamp: damping added to H's diagonal, as a fraction of its mean. act_order: quantize
     columns in order of decreasing H diagonal (needs static groups). static_groups: grids
-    from the original weights instead of the compensated ones.
+    from the original weights instead of the compensated ones. scale_bits=8, scale_block:
+    double-quantized scales as in `quantize`, the super-scales taken from w before the sweep.
     """
     g = check_groups(w.shape, group)
+    w = jnp.asarray(w, jnp.float32)
+    supers = None
+    if scale_bits is not None:
+        check_scale_bits(scale_bits, bits, symmetric, "weight")
+        supers = super_scales(w, g, super_block_count(w.shape[1] // g, scale_block))
     wc, scale, offset = _gptq_sweep(
-        jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32),
+        w, jnp.asarray(h, jnp.float32), supers,
         bits=bits, group=g, percdamp=percdamp, symmetric=symmetric, act_order=act_order,
         static_groups=static_groups,
     )  # fmt: skip
+    if supers is not None:
+        n = w.shape[1] // g
+        rep = n // supers[0].shape[1]
+        c = jnp.round(scale / jnp.repeat(supers[0].astype(jnp.float32), rep, axis=1))
+        k = jnp.round(offset / jnp.repeat(supers[1].astype(jnp.float32), rep, axis=1))
+        return quantize_double(wc, g, *supers, params=(c.astype(jnp.uint8), k.astype(jnp.int8)))
     if symmetric:
         return quantize_with_scale(wc, scale, bits, g)
     return quantize_asymmetric_with(wc, scale, offset, g)
@@ -205,14 +238,20 @@ def gptq_quantizer(
     kept = {"gptq": 0, "rtn": 0}
 
     def quantizer(
-        name: str, w: jax.Array, bits: int, group: int | None, symmetric: bool = True
+        name: str,
+        w: jax.Array,
+        bits: int,
+        group: int | None,
+        symmetric: bool = True,
+        **scales,
     ) -> QuantizedWeight:
+        """`scales`: scale_bits and scale_block, as `quantize` takes them."""
         check_groups(w.shape, group, name)
-        rtn = quantize(w, bits, group, name=name, symmetric=symmetric)
+        rtn = quantize(w, bits, group, name=name, symmetric=symmetric, **scales)
         if name not in hessians:  # a lookup-only table: identity Hessian, where GPTQ is RTN
             return rtn
         h = hessians[name]
-        qw = gptq_quantize(w, h, bits, group, symmetric=symmetric)
+        qw = gptq_quantize(w, h, bits, group, symmetric=symmetric, **scales)
         better = hessian_error(w, qw, h) < hessian_error(w, rtn, h)
         kept["gptq" if better else "rtn"] += 1
         if name == "embed":

@@ -24,17 +24,29 @@ def _hold(w: QuantizedWeight) -> tuple[QuantizedParam, QuantizedParam, Quantized
     return QuantizedParam(w.values), QuantizedParam(w.scale), offset
 
 
+def _hold_supers(w: QuantizedWeight) -> tuple[QuantizedParam | None, QuantizedParam | None]:
+    """The float16 super-scales of double-quantized scales (None, None without them)."""
+    if w.scale_super is None:
+        return None, None
+    return QuantizedParam(w.scale_super), QuantizedParam(w.offset_super)
+
+
 class _Holds:
     values: QuantizedParam
     scale: QuantizedParam
     offset: QuantizedParam | None
+    scale_super: QuantizedParam | None = None
+    offset_super: QuantizedParam | None = None
     bits: int
     group: int
 
     @property
     def qweight(self) -> QuantizedWeight:
         offset = self.offset[...] if self.offset is not None else None
-        return QuantizedWeight(self.values[...], self.scale[...], offset, self.bits, self.group)
+        supers = [None if p is None else p[...] for p in (self.scale_super, self.offset_super)]
+        return QuantizedWeight(
+            self.values[...], self.scale[...], offset, self.bits, self.group, *supers
+        )
 
 
 class QuantizedLinear(_Holds, nnx.Module):
@@ -49,6 +61,7 @@ class QuantizedLinear(_Holds, nnx.Module):
         activation_group: int | None = None,
     ):
         self.values, self.scale, self.offset = _hold(w)
+        self.scale_super, self.offset_super = _hold_supers(w)
         self.bits, self.group = w.bits, w.group
         self.activation_bits = activation_bits
         self.activation_group = activation_group
@@ -70,6 +83,7 @@ class QuantizedEmbedding(_Holds, nnx.Module):
 
     def __init__(self, w: QuantizedWeight, dtype, activation_bits: int | None = None):
         self.values, self.scale, self.offset = _hold(w)
+        self.scale_super, self.offset_super = _hold_supers(w)
         self.bits, self.group = w.bits, w.group
         self.dtype = dtype
         self.activation_bits = activation_bits
@@ -78,13 +92,14 @@ class QuantizedEmbedding(_Holds, nnx.Module):
         """ids [B, T] -> [B, T, E]: only the looked-up rows are dequantized."""
         w = self.qweight
         flat = ids.reshape(-1)
+
+        def take(a):
+            return None if a is None else jnp.take(a, flat, axis=0)
+
         rows = QuantizedWeight(
-            jnp.take(w.values, flat, axis=0),
-            jnp.take(w.scale, flat, axis=0),
-            None if w.offset is None else jnp.take(w.offset, flat, axis=0),
-            w.bits,
-            w.group,
-        )
+            take(w.values), take(w.scale), take(w.offset), w.bits, w.group,
+            take(w.scale_super), take(w.offset_super),
+        )  # fmt: skip
         return dequantize(rows, self.dtype).reshape(*ids.shape, -1)
 
     def attend(self, x: jax.Array) -> jax.Array:

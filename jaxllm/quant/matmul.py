@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxllm import cpu_kernels
 from jaxllm.cpu_kernels import linear
 from jaxllm.quant.int8_kernel import int8_kernel_qlinear, uses_int8_kernel
-from jaxllm.quant.qtensor import QuantizedWeight, dequantize
+from jaxllm.quant.qtensor import QuantizedWeight, dequantize, group_params
 
 
 def grouped_int8_matmul(x: jax.Array, w: QuantizedWeight, group: int) -> jax.Array:
@@ -95,12 +95,12 @@ def native_qlinear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """`qmatvec.cc` (no checks: see `uses_native_qmatvec`). x [..., I] -> [..., O] float32."""
     o, i = w.shape
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (o,), jnp.float32)
-    scale = w.scale.astype(jnp.float32)
+    scale, offset = group_params(w)  # double-quantized scales decode here, [O, N] each
     if w.bits == 8:
         return jax.ffi.ffi_call("JaxllmQMatVec8", out, vmap_method="sequential")(x, w.values, scale)
     groups = i // w.group
     xsum = jnp.sum(x.reshape(*x.shape[:-1], groups, w.group), axis=-1)
-    offset = jnp.zeros((0,), jnp.float32) if w.offset is None else w.offset.astype(jnp.float32)
+    offset = jnp.zeros((0,), jnp.float32) if offset is None else offset
     return jax.ffi.ffi_call("JaxllmQMatVec4", out, vmap_method="sequential")(
         x, w.values, scale, offset, xsum
     )

@@ -30,29 +30,40 @@ from jaxllm.quant.config import QuantConfig, load_recipe
 from jaxllm.quant.qtensor import dequantize, quantize
 
 
-def fake_quant(w: jax.Array, bits: int, group: int | None, symmetric: bool = True) -> jax.Array:
-    """Round-to-nearest quantize-dequantize of w [O, I], straight-through gradient."""
-    q = quantize(jax.lax.stop_gradient(w), bits, group, symmetric=symmetric)
+def fake_quant(
+    w: jax.Array, bits: int, group: int | None, symmetric: bool = True, **scales
+) -> jax.Array:
+    """Round-to-nearest quantize-dequantize of w [O, I], straight-through gradient.
+    `scales`: scale_bits and scale_block (double-quantized int4 scales), as `quantize` takes."""
+    q = quantize(jax.lax.stop_gradient(w), bits, group, symmetric=symmetric, **scales)
     dq = dequantize(q, w.dtype)
     return w + jax.lax.stop_gradient(dq - w)
 
 
 class FakeQuantLinear(nnx.Module):
-    def __init__(self, inner: Linear, bits: int, group: int | None, symmetric: bool = True):
+    def __init__(
+        self, inner: Linear, bits: int, group: int | None, symmetric: bool = True, **scales
+    ):
         self.inner, self.bits, self.group, self.symmetric = inner, bits, group, symmetric
+        self.scale_bits, self.scale_block = scales.get("scale_bits"), scales.get("scale_block")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = fake_quant(self.inner.weight[...], self.bits, self.group, self.symmetric)
+        scales = dict(scale_bits=self.scale_bits, scale_block=self.scale_block)
+        w = fake_quant(self.inner.weight[...], self.bits, self.group, self.symmetric, **scales)
         y = linear(x, w)
         return y + self.inner.bias[...] if self.inner.bias is not None else y
 
 
 class FakeQuantEmbedding(nnx.Module):
-    def __init__(self, inner: Embedding, bits: int, group: int | None, symmetric: bool = True):
+    def __init__(
+        self, inner: Embedding, bits: int, group: int | None, symmetric: bool = True, **scales
+    ):
         self.inner, self.bits, self.group, self.symmetric = inner, bits, group, symmetric
+        self.scale_bits, self.scale_block = scales.get("scale_bits"), scales.get("scale_block")
 
     def _table(self) -> jax.Array:
-        return fake_quant(self.inner.table[...], self.bits, self.group, self.symmetric)
+        scales = dict(scale_bits=self.scale_bits, scale_block=self.scale_block)
+        return fake_quant(self.inner.table[...], self.bits, self.group, self.symmetric, **scales)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self._table(), ids, axis=0)
@@ -63,17 +74,21 @@ class FakeQuantEmbedding(nnx.Module):
 
 def wrap_fake_quant(model: Transformer, recipe: str | QuantConfig) -> Transformer:
     """Put the recipe's weight quantizers in the forward pass (in place)."""
-    from jaxllm.quant.apply import linear_slots
+    from jaxllm.quant.apply import linear_slots, scale_options
 
     cfg = load_recipe(recipe)
     if cfg.weight_bits is not None:
+        scales = scale_options(cfg, cfg.weight_bits)
         for _, parent, attr in linear_slots(model):
-            setattr(parent, attr, FakeQuantLinear(getattr(parent, attr), cfg.weight_bits,
-                                                  cfg.group_size, cfg.symmetric))  # fmt: skip
+            fake = FakeQuantLinear(
+                getattr(parent, attr), cfg.weight_bits, cfg.group_size, cfg.symmetric, **scales
+            )
+            setattr(parent, attr, fake)
     if cfg.embed_bits is not None:
         group = cfg.group_size if cfg.embed_bits == 4 else None
         sym = cfg.symmetric or cfg.embed_bits == 8
-        model.embed = FakeQuantEmbedding(model.embed, cfg.embed_bits, group, sym)
+        scales = scale_options(cfg, cfg.embed_bits)
+        model.embed = FakeQuantEmbedding(model.embed, cfg.embed_bits, group, sym, **scales)
     return model
 
 

@@ -31,6 +31,7 @@ def layer_report(float_model: Transformer, quant_model: Transformer) -> list[dic
         if isinstance(q, (QuantizedLinear, QuantizedEmbedding)):
             qw = q.qweight
             kind = f"int{qw.bits} g{qw.group}" + (" asym" if qw.offset is not None else "")
+            kind += " s8" if qw.scale_super is not None else ""  # double-quantized scales
             held = qw.nbytes
         else:
             kind, held = str(w.dtype), w.nbytes
