@@ -16,7 +16,8 @@ Engines, each in its own subprocess (peak RSS is its own):
   llama-server    llama.cpp's server with 16 parallel slots, fed concurrently over HTTP
                   (needs a `llama-server` binary on PATH or in $LLAMA_SERVER)
 
-Also: the f32 GEMM rate and the compute bound it sets (FLOPs per token), KV-cache waste
+Also: the f32 GEMM rate (a 2048^3 matmul, best of 20, measured before and after the engines,
+the higher kept) and the compute bound it sets (FLOPs per token), KV-cache waste
 (allocated but unused slots over allocated), and a prefix-cache scenario: 32 requests sharing
 a 512-token prefix, median time to first token with and without the cache.
 
@@ -287,7 +288,7 @@ def run_bounds(n: int) -> dict:
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     ts = []
-    for _ in range(5):
+    for _ in range(20):  # the rate wanders by 1.5x on this VM: the best of 20 is the bound
         t0 = time.perf_counter()
         f(a).block_until_ready()
         ts.append(time.perf_counter() - t0)
@@ -350,6 +351,11 @@ def main() -> None:
     for name in [e for e in args.engines.split(",") if e] + ["prefix"]:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results[name] = measure(name, args.requests)
+    # Measured again after the engines, and the higher rate kept: a conservative bound.
+    end = measure("bounds", args.requests)
+    results["bounds_start_gflops"] = results["bounds"].get("gemm_gflops")
+    if end.get("gemm_gflops", 0) > results["bounds"].get("gemm_gflops", 0):
+        results["bounds"] = end
     b = results["bounds"]
     print(f"\nf32 GEMM {b['gemm_gflops']:.0f} GFLOP/s; {b['gflop_per_token']:.3f} GFLOP/token; "
           f"compute bound {b['bound_tok_s']:.0f} tok/s")  # fmt: skip
