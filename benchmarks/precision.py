@@ -15,39 +15,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxllm import LLM
-from jaxllm.model import init_cache
+from jaxllm.quant.evaluate import mean_nll, window_logits
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 CONFIGS = [("float32", "float32"), ("float32", "float16"), ("bfloat16", "float32"),
            ("bfloat16", "float16")]  # fmt: skip
-
-
-def window_logits(model, windows, kv_dtype) -> list[np.ndarray]:
-    graphdef, state = nnx.split(model)
-    cfg = model.config
-
-    @jax.jit
-    def run(state, tokens):
-        m = nnx.merge(graphdef, state)
-        t = tokens.shape[1]
-        mask = jnp.tril(jnp.ones((t, t), bool))[None]
-        logits, _ = m(tokens, jnp.arange(t)[None], mask, init_cache(cfg, 1, t, kv_dtype), 0)
-        return logits[0]
-
-    return [np.asarray(run(state, jnp.asarray([w], jnp.int32)), np.float64) for w in windows]
-
-
-def nll(logits: list[np.ndarray], windows) -> float:
-    total, count = 0.0, 0
-    for lg, ids in zip(logits, windows):
-        mx = lg.max(-1, keepdims=True)
-        logz = np.log(np.exp(lg - mx).sum(-1)) + mx[:, 0]
-        total += float((logz[:-1] - lg[np.arange(len(ids) - 1), ids[1:]]).sum())
-        count += len(ids) - 1
-    return total / count
 
 
 def main() -> None:
@@ -67,8 +41,8 @@ def main() -> None:
         logits = window_logits(llm.model, windows, jnp.dtype(kv))
         top1 = [lg.argmax(-1) for lg in logits]
         if base is None:
-            base = (nll(logits, windows), top1)
-        ppl = math.exp(nll(logits, windows))
+            base = (mean_nll(logits, windows), top1)
+        ppl = math.exp(mean_nll(logits, windows))
         agree = np.mean(np.concatenate([a == b for a, b in zip(top1, base[1])]))
         rows.append(
             f"| {weights} | {kv} | {ppl:.3f} | {100 * (ppl / math.exp(base[0]) - 1):+.2f}% | "
