@@ -57,10 +57,10 @@ def cached_logits_fn(model):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxllm.model import init_cache
+    from jaxllm.model import default_cache_dtype, init_cache
 
     graphdef, state = nnx.split(model)
-    kv_dtype = getattr(model, "kv_cache_dtype", None) or model.dtype
+    kv_dtype = default_cache_dtype(model)
 
     @jax.jit
     def run(state, tokens):

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.errors import JaxLLMError
-from jaxllm.model import Transformer, init_cache
+from jaxllm.model import Transformer, default_cache_dtype, init_cache
 from jaxllm.sampling import SamplingArrays, SamplingParams, sample
 
 MIN_PROMPT_BUCKET = 16
@@ -71,9 +71,7 @@ class Generator:
     def __init__(self, model: Transformer, *, max_batch: int = 64, cache_dtype=None):
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
-        self.cache_dtype = jnp.dtype(
-            cache_dtype or getattr(model, "kv_cache_dtype", None) or model.dtype
-        )
+        self.cache_dtype = jnp.dtype(cache_dtype or default_cache_dtype(model))
         self.max_batch = max_batch
         self.batch_multiple = 1  # batches are padded to a multiple of this (the data axis)
         self._prefill = jax.jit(self._prefill_impl, static_argnums=(4,))

@@ -364,6 +364,11 @@ class Transformer(nnx.Module):
         return self.head(x[logits_index][None])[0], tuple(new_pages)
 
 
+def default_cache_dtype(model: Any) -> Any:
+    """The KV cache dtype a model asks for: a KV recipe's `kv_cache_dtype`, else its own."""
+    return getattr(model, "kv_cache_dtype", None) or model.dtype
+
+
 def init_pages(
     cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any = jnp.float32
 ) -> PagedCache:

@@ -27,7 +27,7 @@ from jaxllm.engine.request import Request, Status
 from jaxllm.engine.scheduler import Scheduler
 from jaxllm.errors import JaxLLMError
 from jaxllm.generate import stop_token_list
-from jaxllm.model import Transformer
+from jaxllm.model import Transformer, default_cache_dtype
 from jaxllm.sampling import SamplingParams
 
 KV_CACHE_DTYPES = (None, "float32", "float16", "bfloat16")
@@ -66,7 +66,7 @@ class EngineConfig:
         `kv_cache_dtype`, else its compute dtype)."""
         if self.kv_cache_dtype is not None:
             return jnp.dtype(self.kv_cache_dtype)
-        return getattr(model, "kv_cache_dtype", None) or model.dtype
+        return default_cache_dtype(model)
 
     def pages_for(self, model: Transformer) -> int:
         if self.num_pages is not None:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxllm.attention import paged_reads_split
 from jaxllm.engine.scheduler import SchedulerOutput
-from jaxllm.model import PagedMeta, Transformer, init_pages
+from jaxllm.model import PagedMeta, Transformer, default_cache_dtype, init_pages
 from jaxllm.quant.kv import kv_bytes_per_element
 from jaxllm.sampling import (
     SamplingArrays,
@@ -118,7 +118,7 @@ class ModelRunner:
         self.page_size = page_size
         self.num_pages = num_pages
         self.graphdef, self.state = nnx.split(model)
-        cache_dtype = cache_dtype or getattr(model, "kv_cache_dtype", None) or model.dtype
+        cache_dtype = cache_dtype or default_cache_dtype(model)
         self.pages = init_pages(self.config, num_pages, page_size, cache_dtype)
         self._step = _step_program(self.graphdef)
         self._copy = _copy_pages

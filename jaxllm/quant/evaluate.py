@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.model import Transformer, init_cache
+from jaxllm.model import Transformer, default_cache_dtype, init_cache
 
 
 def text_windows(ids: Sequence[int], window: int, count: int) -> list[list[int]]:
@@ -24,7 +24,7 @@ def window_logits(
 ) -> list[np.ndarray]:
     """Logits [len(window), V] (float64) of each window, run as one prefill through a KV cache
     of `kv_dtype` (default: the model's `kv_cache_dtype`, else its dtype)."""
-    kv_dtype = kv_dtype or getattr(model, "kv_cache_dtype", None) or model.dtype
+    kv_dtype = kv_dtype or default_cache_dtype(model)
     graphdef, state = nnx.split(model)
     cfg = model.config
 
