@@ -8,14 +8,17 @@ Layouts: x [M, I] (M rows: the tokens of a decode step), codes int8 [O, I] (the 
 [out, in]), scale [O] or [O, 1] (one per output channel) -> y [M, O] in x's dtype.
 
 Programs: one per (tile of `block_o` output channels, split of I). Each loops over its split
-in `block_k` chunks. One row multiplies elementwise into a [block_o, block_k] accumulator and
-reduces it once at the end (no padding to a tensor-core tile); several rows are padded to 16
-(the smallest dot) and use a dot. `num_splits` > 1 gives a narrow O enough programs to keep
-every SM streaming; the splits' partial sums are added outside the kernel.
+in `block_k` chunks. One row multiplies elementwise (no padding to a tensor-core tile) and
+either reduces each chunk into a [block_o] accumulator or keeps [block_o, block_k] partial
+products until the end; several rows are padded to 16 (the smallest dot) and use a dot.
+`num_splits` > 1 gives a narrow O enough programs to keep every SM streaming; the splits'
+partial sums are added outside the kernel (a second kernel, so one row prefers narrow output
+tiles over splits where O allows: see `default_config`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,7 +32,24 @@ MAX_ROWS = 16  # beyond a few rows the product is compute-bound: leave it to XLA
 BLOCK_O = 32
 BLOCK_K = 256
 MIN_BLOCK = 16  # the smallest dot dimension Triton accepts
+MIN_ROW_BLOCK = 4  # one row needs no dot: output tiles may be as narrow as this
 TARGET_PROGRAMS = 264  # two per SM of an H100 (132 SMs)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """One launch of the kernel. `block_o`, `block_k`: upper bounds on the output tile and the
+    I chunk (each lowered to the largest power of two dividing O, resp. I / num_splits);
+    `num_splits`: splits of I (None: enough for about TARGET_PROGRAMS programs); `chunk_reduce`:
+    one row reduces each chunk into a [block_o] accumulator instead of keeping
+    [block_o, block_k] partial products until the end (fewer registers, so wider chunks)."""
+
+    block_o: int = BLOCK_O
+    block_k: int = BLOCK_K
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+    chunk_reduce: bool = False
 
 
 def int8_matmul_reference(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
@@ -38,12 +58,12 @@ def int8_matmul_reference(x: jax.Array, codes: jax.Array, scale: jax.Array) -> j
     return (acc * scale.reshape(1, -1).astype(jnp.float32)).astype(x.dtype)
 
 
-def fit_block(n: int, want: int) -> int:
-    """The largest power of two <= `want` that divides n, or 0 when it is under MIN_BLOCK."""
+def fit_block(n: int, want: int, minimum: int = MIN_BLOCK) -> int:
+    """The largest power of two <= `want` that divides n, or 0 when it is under `minimum`."""
     b = 1 << max(0, want.bit_length() - 1)
-    while b >= MIN_BLOCK and n % b:
+    while b >= minimum and n % b:
         b //= 2
-    return b if b >= MIN_BLOCK else 0
+    return b if b >= minimum else 0
 
 
 def compiles_on_gpu() -> bool:
@@ -51,9 +71,43 @@ def compiles_on_gpu() -> bool:
     return gpu_compiler_params(4, 3) is not None
 
 
+# One-row launches measured fastest on an H100 (benchmarks/int8_sweep.py, results in
+# benchmarks/results/int8_sweep_h100.md) for Llama-3.2-1B's layers, keyed by codes [O, I]:
+# fused qkv, o, fused gate/up, down, the tied head. Launches within ~20% of each other swap
+# places from run to run; these are the last run's picks.
+TUNED_ONE_ROW = {
+    (3072, 2048): GemvConfig(8, 2048, 1, 8, 3, True),
+    (2048, 2048): GemvConfig(16, 2048, 1, 8, 3, True),
+    (16384, 2048): GemvConfig(4, 2048, 1, 8, 3, True),
+    (2048, 8192): GemvConfig(8, 2048, 1, 8, 3, True),
+    (128256, 2048): GemvConfig(4, 2048, 1, 4, 3, True),
+}
+
+
+def default_config(rows: int, n_out: int, n_in: int) -> GemvConfig:
+    """The launch used when the caller gives none (rows M, codes [O, I]).
+
+    One row: a measured launch for a known shape, else narrow tiles (4-8 outputs) streaming
+    2048-wide chunks, one program per tile and no split: on an H100 these beat wide tiles with
+    split partial sums (an extra kernel) on every layer swept. Several rows: the dot path's
+    32 x 256 tiles."""
+    if rows != 1:
+        return GemvConfig()
+    tuned = TUNED_ONE_ROW.get((n_out, n_in))
+    if tuned is not None:
+        return tuned
+    return GemvConfig(4 if n_out <= 2048 else 8, 2048, 1, 8, 3, True)
+
+
 def supports(rows: int, n_out: int, n_in: int) -> bool:
-    """Whether `int8_matmul` takes these shapes (rows M, codes [O, I]) with its default blocks."""
-    return 0 < rows <= MAX_ROWS and fit_block(n_out, BLOCK_O) > 0 and fit_block(n_in, BLOCK_K) > 0
+    """Whether `int8_matmul` takes these shapes (rows M, codes [O, I]) with its default launch."""
+    cfg = default_config(rows, n_out, n_in)
+    min_o = MIN_ROW_BLOCK if rows == 1 else MIN_BLOCK
+    return (
+        0 < rows <= MAX_ROWS
+        and fit_block(n_out, cfg.block_o, min_o) > 0
+        and fit_block(n_in, cfg.block_k) > 0
+    )
 
 
 def default_splits(n_out_tiles: int, n_chunks: int) -> int:
@@ -69,21 +123,16 @@ def int8_matmul(
     codes: jax.Array,
     scale: jax.Array,
     *,
-    block_o: int = BLOCK_O,
-    block_k: int = BLOCK_K,
-    num_splits: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    config: GemvConfig | None = None,
     interpret: bool | None = None,
+    **overrides,
 ) -> jax.Array:
     """x [M, I] (float) times int8 codes [O, I] with per-channel scale [O] or [O, 1].
 
     Args:
-      block_o, block_k: upper bounds on the output tile and the I chunk; each is lowered to the
-        largest power of two that divides O (resp. I / num_splits).
-      num_splits: splits of I; default: enough for about TARGET_PROGRAMS programs.
-      num_warps, num_stages: GPU launch parameters.
+      config: the launch (default: `default_config` for these shapes).
       interpret: run the Pallas interpreter; default: on CPU.
+      overrides: fields of GemvConfig replacing the config's (block_o=16, num_splits=2, ...).
 
     Returns:
       [M, O] in x's dtype.
@@ -97,30 +146,32 @@ def int8_matmul(
         raise ValueError(f"int8_matmul: scale must have O={n_out} entries, got {scale.shape}")
     if not 0 < m <= MAX_ROWS:
         raise ValueError(f"int8_matmul: x has {m} rows; the kernel takes 1 to {MAX_ROWS}")
-    bo = fit_block(n_out, block_o)
+    cfg = dataclasses.replace(config or default_config(m, n_out, n_in), **overrides)
+    min_o = MIN_ROW_BLOCK if m == 1 else MIN_BLOCK
+    bo = fit_block(n_out, cfg.block_o, min_o)
     if not bo:
-        raise ValueError(f"int8_matmul: no block of {MIN_BLOCK}..{block_o} divides O={n_out}")
-    if not fit_block(n_in, block_k):
-        raise ValueError(f"int8_matmul: no block of {MIN_BLOCK}..{block_k} divides I={n_in}")
+        raise ValueError(f"int8_matmul: no block of {min_o}..{cfg.block_o} divides O={n_out}")
+    if not fit_block(n_in, cfg.block_k):
+        raise ValueError(f"int8_matmul: no block of {MIN_BLOCK}..{cfg.block_k} divides I={n_in}")
+    num_splits = cfg.num_splits
     if num_splits is None:
-        num_splits = default_splits(n_out // bo, n_in // fit_block(n_in, block_k))
+        num_splits = default_splits(n_out // bo, n_in // fit_block(n_in, cfg.block_k))
     split_len = n_in // num_splits
-    bk = fit_block(split_len, block_k) if n_in % num_splits == 0 else 0
+    bk = fit_block(split_len, cfg.block_k) if n_in % num_splits == 0 else 0
     if not bk:
         raise ValueError(f"int8_matmul: num_splits={num_splits} does not cut I={n_in} into "
                          f"multiples of {MIN_BLOCK}")  # fmt: skip
     _, interpret = resolve_platform("gpu", interpret)
     rows = 1 if m == 1 else max(MIN_BLOCK, next_pow2(m))
     xp = x if rows == m else jnp.pad(x, ((0, rows - m), (0, 0)))
-    out = _int8_matmul_call(
-        xp, codes, scale.reshape(1, n_out), bo, bk, num_splits, num_warps, num_stages, interpret
-    )
+    launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce)
+    out = _int8_matmul_call(xp, codes, scale.reshape(1, n_out), launch, interpret)
     if num_splits > 1:
         out = jnp.sum(out, axis=0)
     return out[:m].astype(x.dtype)
 
 
-def _kernel(x_ref, q_ref, s_ref, o_ref, *, block_k: int, chunks: int):
+def _kernel(x_ref, q_ref, s_ref, o_ref, *, block_k: int, chunks: int, chunk_reduce: bool):
     """x_ref [rows, split], q_ref [bo, split], s_ref [1, bo] -> o_ref [rows, bo]."""
     rows = x_ref.shape[0]
     bo = q_ref.shape[0]
@@ -131,23 +182,33 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, *, block_k: int, chunks: int):
         x = x_ref[:, k]  # [rows, bk]
         q = q_ref[:, k]  # [bo, bk] int8
         if one_row:
-            return acc + q.astype(jnp.float32) * x.astype(jnp.float32)
+            prod = q.astype(jnp.float32) * x.astype(jnp.float32)
+            return acc + (jnp.sum(prod, axis=1) if chunk_reduce else prod)
         w = q.astype(x.dtype)
         dims = (((1,), (1,)), ((), ()))
         return acc + lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
-    init = jnp.zeros((bo, block_k) if one_row else (rows, bo), jnp.float32)
+    if one_row:
+        init = jnp.zeros((bo,) if chunk_reduce else (bo, block_k), jnp.float32)
+    else:
+        init = jnp.zeros((rows, bo), jnp.float32)
     acc = lax.fori_loop(0, chunks, body, init)
-    y = jnp.sum(acc, axis=1)[None, :] if one_row else acc
+    if one_row:
+        y = (acc if chunk_reduce else jnp.sum(acc, axis=1))[None, :]
+    else:
+        y = acc
     o_ref[...] = (y * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
-def _int8_matmul_call(x, codes, scale, bo, bk, splits, num_warps, num_stages, interpret):
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _int8_matmul_call(x, codes, scale, launch, interpret):
+    bo, bk, splits, num_warps, num_stages, chunk_reduce = launch
     rows, n_in = x.shape
     n_out = codes.shape[0]
     split_len = n_in // splits
-    kernel = functools.partial(_kernel, block_k=bk, chunks=split_len // bk)
+    kernel = functools.partial(
+        _kernel, block_k=bk, chunks=split_len // bk, chunk_reduce=chunk_reduce
+    )
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows, n_out), x.dtype)
         out_spec = pl.BlockSpec((rows, bo), lambda j, s: (0, j))

@@ -45,6 +45,9 @@ def rel_err(got, want) -> float:
         (1, 64, 256, jnp.float32, {}),
         (1, 96, 576, jnp.bfloat16, {}),  # I = 64 * 9: the chunk shrinks to 64
         (1, 48, 128, jnp.float32, dict(num_splits=4, block_k=16)),
+        (1, 40, 256, jnp.float32, {}),  # one row: output tiles of 8
+        (1, 64, 512, jnp.bfloat16, dict(block_o=4, num_splits=1, chunk_reduce=True)),
+        (1, 96, 1024, jnp.float32, dict(block_o=16, num_splits=2, chunk_reduce=True)),
         (3, 32, 128, jnp.bfloat16, {}),  # rows padded to 16 for the dot
         (5, 128, 64, jnp.float32, dict(block_o=16, num_splits=2, block_k=16)),
         (16, 64, 256, jnp.bfloat16, dict(num_splits=2)),
@@ -60,7 +63,10 @@ def test_int8_matmul_matches_reference_and_dequantized_float(m, o, i, dtype, kw)
 
 
 def test_int8_matmul_rejects_shapes_it_cannot_tile():
-    x, qw = case(1, 40, 64, jnp.float32)  # 40 has no power-of-two divisor >= 16
+    x, qw = case(1, 42, 64, jnp.float32)  # one row: 42 has no power-of-two divisor >= 4
+    with pytest.raises(ValueError, match="O=42"):
+        int8_matmul(x, qw.values, qw.scale, interpret=True)
+    x, qw = case(2, 40, 64, jnp.float32)  # several rows: 40 has none >= 16
     with pytest.raises(ValueError, match="O=40"):
         int8_matmul(x, qw.values, qw.scale, interpret=True)
     x, qw = case(17, 32, 64, jnp.float32)
