@@ -112,6 +112,7 @@ def run_engine(n: int, weight_dtype: str | None = None, kv_dtype: str | None = N
     )
     out["kv_waste"] = waste_num / max(waste_den, 1)
     out["preemptions"] = engine.metrics()["preemptions"]
+    out["prompt_tokens"] = sum(len(p) for p in prompts)
     out["compiled_shapes"] = len(engine.runner.compiled_shapes)
     return out
 
@@ -385,6 +386,19 @@ def main() -> None:
             if "output_tok_s" in results.get(peer, {}):
                 ratio = e["output_tok_s"] / results[peer]["output_tok_s"]
                 print(f"{name} / {peer}: {ratio:.2f}x")
+    work = next((results[e] for e in JAXLLM_ENGINES if "prompt_tokens" in results.get(e, {})), None)
+    if work is not None:  # the bound counts output tokens only; every prompt token costs as much
+        p_tok, o_tok = work["prompt_tokens"], work["output_tok_s"] * work["wall_s"]
+        ceiling = b["bound_tok_s"] * o_tok / (p_tok + o_tok)
+        print(f"\nworkload: {p_tok} prompt + {o_tok:.0f} output tokens. With every token's "
+              f"FLOPs at the GEMM rate, output tok/s is at most {ceiling:.0f} "
+              f"({100 * ceiling / b['bound_tok_s']:.0f}% of the bound).")  # fmt: skip
+        for name in JAXLLM_ENGINES:
+            r = results.get(name, {})
+            if "wall_s" in r:
+                rate = (p_tok + o_tok) * b["gflop_per_token"] / r["wall_s"]
+                print(f"{name}: {rate:.0f} GFLOP/s over all tokens "
+                      f"({100 * rate / b['gemm_gflops']:.0f}% of the GEMM rate)")  # fmt: skip
     pfx = results["prefix"]
     if "speedup" in pfx:
         print(f"\nshared 512-token prefix, median TTFT: {pfx['uncached']:.3f} s uncached, "
