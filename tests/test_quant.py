@@ -260,7 +260,7 @@ def test_native_quantized_matvec_matches_dequantized_einsum(bits, group, asym):
         offset = jnp.asarray(rng.standard_normal(qw.scale.shape) * 0.01, jnp.float16)
         qw = QuantizedWeight(qw.values, qw.scale, offset, 4, qw.group)
     want_w = np.asarray(dequantize(qw))
-    for rows in (1, 5, 16):
+    for rows in (1, 5, 7, 11, 16):  # row blocks of 8, 4, 2 and 1
         x = jnp.asarray(rng.standard_normal((rows, 192)), jnp.float32)
         assert uses_native_qmatvec(x, qw)
         got = np.asarray(jax.jit(native_qlinear)(x, qw))

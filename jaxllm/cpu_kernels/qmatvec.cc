@@ -67,57 +67,78 @@ struct Job {
   int64_t rows, k, n, groups;
 };
 
-void Rows8(const Job& job, int64_t j0, int64_t j1) {
+// The kernels widen each run of codes once and use it for a block of up to kRowBlock rows,
+// each with its own vector accumulator (a decode step of 16 sequences would otherwise widen
+// every code 16 times, and the widening, not the multiply, bounds the loop). Group scales are
+// folded into the widened codes; per-row sums are reduced across lanes once per output.
+constexpr int kRowBlock = 8;
+
+template <int RB>
+void Block8(const Job& job, int64_t j, int64_t r0) {
   const int64_t g = job.k / job.groups;
-  const int8_t* w = static_cast<const int8_t*>(job.w);
-  for (int64_t j = j0; j < j1; ++j) {
-    const int8_t* wj = w + j * job.k;
-    const float* sj = job.scale + j * job.groups;
-    for (int64_t r = 0; r < job.rows; ++r) {
-      const float* xr = job.x + r * job.k;
-      float acc = 0.0f;
-      for (int64_t gi = 0; gi < job.groups; ++gi) {
-        Vec a0 = {}, a1 = {};
-        const int64_t base = gi * g;
-        int64_t i = 0;
-        for (; i + 2 * kLanes <= g; i += 2 * kLanes) {
-          a0 += Load(xr + base + i) * WidenS8(wj + base + i);
-          a1 += Load(xr + base + i + kLanes) * WidenS8(wj + base + i + kLanes);
-        }
-        for (; i < g; i += kLanes) a0 += Load(xr + base + i) * WidenS8(wj + base + i);
-        acc += sj[gi] * Sum(a0 + a1);
-      }
-      job.y[r * job.n + j] = acc;
+  const int8_t* wj = static_cast<const int8_t*>(job.w) + j * job.k;
+  const float* sj = job.scale + j * job.groups;
+  const float* x0 = job.x + r0 * job.k;
+  Vec acc[RB] = {};
+  for (int64_t gi = 0; gi < job.groups; ++gi) {
+    const Vec s = Vec{} + sj[gi];
+    for (int64_t i = gi * g; i < (gi + 1) * g; i += kLanes) {
+      const Vec w = WidenS8(wj + i) * s;
+      for (int r = 0; r < RB; ++r) acc[r] += Load(x0 + r * job.k + i) * w;
     }
+  }
+  for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = Sum(acc[r]);
+}
+
+template <int RB>
+void Block4(const Job& job, int64_t j, int64_t r0) {
+  const int64_t g = job.k / job.groups, half = g / 2;
+  const uint8_t* wj = static_cast<const uint8_t*>(job.w) + j * (job.k / 2);
+  const float* sj = job.scale + j * job.groups;
+  const float* oj = job.offset ? job.offset + j * job.groups : nullptr;
+  const float* x0 = job.x + r0 * job.k;
+  Vec acc[RB] = {};
+  for (int64_t gi = 0; gi < job.groups; ++gi) {
+    const Vec s = Vec{} + sj[gi];
+    const uint8_t* b = wj + gi * half;
+    for (int64_t h = 0; h < half; h += kLanes) {
+      Vec lo, hi;
+      WidenNibbles(b + h, &lo, &hi);
+      lo *= s;
+      hi *= s;
+      const float* xg = x0 + gi * g + h;
+      for (int r = 0; r < RB; ++r) {
+        acc[r] += Load(xg + r * job.k) * lo + Load(xg + r * job.k + half) * hi;
+      }
+    }
+  }
+  // The offset per group times the group's x sum: + offset (asymmetric) or - 8 scale.
+  for (int r = 0; r < RB; ++r) {
+    const float* xs = job.xsum + (r0 + r) * job.groups;
+    float t = Sum(acc[r]);
+    for (int64_t gi = 0; gi < job.groups; ++gi) t += (oj ? oj[gi] : -8.0f * sj[gi]) * xs[gi];
+    job.y[(r0 + r) * job.n + j] = t;
   }
 }
 
-void Rows4(const Job& job, int64_t j0, int64_t j1) {
-  const int64_t g = job.k / job.groups, half = g / 2;
-  const uint8_t* w = static_cast<const uint8_t*>(job.w);
+template <void (*B8)(const Job&, int64_t, int64_t), void (*B4)(const Job&, int64_t, int64_t),
+          void (*B2)(const Job&, int64_t, int64_t), void (*B1)(const Job&, int64_t, int64_t)>
+void BlockedRows(const Job& job, int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; ++j) {
-    const uint8_t* wj = w + j * (job.k / 2);
-    const float* sj = job.scale + j * job.groups;
-    const float* oj = job.offset ? job.offset + j * job.groups : nullptr;
-    for (int64_t r = 0; r < job.rows; ++r) {
-      const float* xr = job.x + r * job.k;
-      const float* xs = job.xsum + r * job.groups;
-      float acc = 0.0f;
-      for (int64_t gi = 0; gi < job.groups; ++gi) {
-        Vec a = {};
-        const uint8_t* b = wj + gi * half;
-        const float* xg = xr + gi * g;
-        for (int64_t h = 0; h < half; h += kLanes) {
-          Vec lo, hi;
-          WidenNibbles(b + h, &lo, &hi);
-          a += Load(xg + h) * lo + Load(xg + half + h) * hi;
-        }
-        const float dot = Sum(a);  // sum of x * code over the group
-        acc += oj ? sj[gi] * dot + oj[gi] * xs[gi] : sj[gi] * (dot - 8.0f * xs[gi]);
-      }
-      job.y[r * job.n + j] = acc;
-    }
+    int64_t r = 0;
+    for (; r + 8 <= job.rows; r += 8) B8(job, j, r);
+    if (r + 4 <= job.rows) B4(job, j, r), r += 4;
+    if (r + 2 <= job.rows) B2(job, j, r), r += 2;
+    if (r < job.rows) B1(job, j, r);
   }
+}
+
+void Rows8(const Job& job, int64_t j0, int64_t j1) {
+  BlockedRows<Block8<kRowBlock>, Block8<4>, Block8<2>, Block8<1>>(job, j0, j1);
+}
+
+void Rows4(const Job& job, int64_t j0, int64_t j1) {
+  BlockedRows<Block4<kRowBlock>, Block4<4>, Block4<2>, Block4<1>>(job, j0, j1);
 }
 
 void Run(const Job& job, void (*rows)(const Job&, int64_t, int64_t)) {
