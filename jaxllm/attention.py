@@ -85,7 +85,7 @@ def _paged_kernel(q, k_pages, v_pages, meta, *, sm_scale):
 def paged_uses_native_cpu(group: int, page_size: int, dtype, head_dim: int | None = None) -> bool:
     """Whether the engine's `xla` attention runs the native CPU kernel (else the jnp split):
     pages of `dtype` float32, float16 or bfloat16 (int8 pages take the split). The kernel
-    computes in 16-float vectors: `head_dim` must be a multiple of 16."""
+    computes in 16-float vectors: `head_dim` must be a multiple of 16, at most 256."""
     from jaxllm import cpu_kernels
 
     return (
@@ -93,7 +93,7 @@ def paged_uses_native_cpu(group: int, page_size: int, dtype, head_dim: int | Non
         and jnp.dtype(dtype) in cpu_kernels.PAGED_DTYPES
         and group <= 16
         and page_size <= 256
-        and (head_dim is None or head_dim % 16 == 0)
+        and (head_dim is None or (head_dim % 16 == 0 and head_dim <= 256))
         and cpu_kernels.available()
     )
 

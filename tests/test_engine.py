@@ -309,6 +309,7 @@ def test_cpu_paged_attention_matches_reference(native):
         (2, 1, 16, 8, [1, 33, 17], [1, 33, 1]),  # MHA, pages of 8: half-chunk tails
         (1, 4, 128, 32, [70, 5, 200], [70, 1, 3]),  # MQA, wide heads, pages of 32
         (2, 8, 32, 16, [16, 15, 48, 0], [16, 15, 1, 0]),  # chunk edges, an empty sequence
+        (1, 2, 256, 16, [40, 9], [7, 1]),  # the widest head the kernel takes
     ],
 )
 def test_native_paged_attention_shapes(kv_heads, group, dim, page, kv_lens, q_lens):

@@ -210,9 +210,9 @@ def paged_attention(
     sm_scale: float,
 ) -> jax.Array:
     """`ragged_paged_attention` on CPU through `paged_attention.cc` (G <= 16, page size <= 256,
-    head_dim a multiple of 16). q [T, H, D], pages [K, P, page, D] -> [T, H, D]. The pages are
-    read as they are stored (float32, float16 or bfloat16: `PAGED_DTYPES`), q and the result
-    in float32. Call only where `available()`; the jnp reference is its oracle."""
+    head_dim a multiple of 16 up to 256). q [T, H, D], pages [K, P, page, D] -> [T, H, D]. The
+    pages are read as they are stored (float32, float16 or bfloat16: `PAGED_DTYPES`), q and the
+    result in float32. Call only where `available()`; the jnp reference is its oracle."""
     t, h, d = q.shape
     kh = k_pages.shape[0]
     if k_pages.dtype != v_pages.dtype or k_pages.dtype not in _ATTENTION_TARGETS:

@@ -36,6 +36,7 @@ namespace {
 constexpr int64_t kRowsPerItem = 4;
 constexpr int64_t kMaxG = 16;
 constexpr int64_t kMaxPage = 256;
+constexpr int64_t kMaxD = 256;
 
 struct Item {
   int32_t seq, head, row0, rows;
@@ -138,8 +139,10 @@ inline Vec Exp(Vec x) {
 }
 
 // One item: its rows * G query vectors walk the sequence's pages in chunks of kLanes keys.
-// Each chunk's scores come out as one vector per query (SumEach), its exponentials are taken
-// together, and the online-softmax rescale happens once per chunk.
+// Each key and value vector is read (and widened from a half-width page) once per chunk and
+// used for every query of the item; each chunk's scores come out as one vector per query
+// (SumEach), its exponentials are taken together, and the online-softmax rescale happens once
+// per chunk.
 template <typename Pages>
 void RunItem(const Problem<Pages>& p, const Item& it) {
   const int64_t g = p.g, d = p.d, page = p.page, nv = d / kLanes;
@@ -149,60 +152,96 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
   const int64_t first_pos = kv_len - q_len + it.row0;  // position of the item's first row
   const int64_t last_pos = first_pos + it.rows - 1;
   // Per-thread scratch, grown once: an item allocates nothing.
-  thread_local std::vector<Vec> qs, acc;
+  thread_local std::vector<Vec> qs, acc, part, ev;
   thread_local std::vector<float> m, l;
   qs.resize(nq * nv);
+  part.resize(nq * kLanes);
+  ev.resize(nq);
   acc.assign(nq * nv, Vec{});
   m.assign(nq, -INFINITY);
   l.assign(nq, 0.f);
+  // Plain pointers: thread_local objects in a shared library are reached through a TLS
+  // lookup, which the compiler may redo inside the loops.
+  Vec* const qsp = qs.data();
+  Vec* const accp = acc.data();
+  Vec* const partp = part.data();
+  Vec* const evp = ev.data();
+  float* const mp = m.data();
+  float* const lp = l.data();
   for (int64_t r = 0; r < it.rows; ++r) {
     const int64_t t = p.cu[it.seq] + it.row0 + r;
     for (int64_t gi = 0; gi < g; ++gi) {
       const float* src = p.q + ((t * p.kh + it.head) * g + gi) * d;
-      for (int64_t v = 0; v < nv; ++v) qs[(r * g + gi) * nv + v] = Load(src + v * kLanes) * p.scale;
+      for (int64_t v = 0; v < nv; ++v) qsp[(r * g + gi) * nv + v] = Load(src + v * kLanes) * p.scale;
     }
   }
   IVec lane;
   for (int i = 0; i < kLanes; ++i) lane[i] = i;
   const int32_t* table = p.tables + static_cast<int64_t>(it.seq) * p.maxp;
   const int64_t n_pages = last_pos / page + 1;
-  Vec part[kLanes];
+  Vec row[kMaxD / kLanes];
+  // Pages sit anywhere in the pool, so the hardware prefetcher, which follows sequential
+  // addresses, stalls at every page: each page's keys and values are requested while the
+  // previous page is scored (the loads of a key were half the kernel's time without this).
+  auto prefetch_page = [&](int64_t pi) {
+    const int64_t keys = std::min<int64_t>(page, last_pos + 1 - pi * page);
+    const int64_t off = ((it.head * p.pages) + table[pi]) * page * d;
+    const char* kb = reinterpret_cast<const char*>(p.k + off);
+    const char* vb = reinterpret_cast<const char*>(p.v + off);
+    const int64_t bytes = keys * d * static_cast<int64_t>(sizeof(typename Pages::T));
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(kb + b);
+      __builtin_prefetch(vb + b);
+    }
+  };
+  prefetch_page(0);
   for (int64_t pi = 0; pi < n_pages; ++pi) {
+    if (pi + 1 < n_pages) prefetch_page(pi + 1);
     const int64_t base = pi * page;
     const int64_t n_keys = std::min<int64_t>(page, last_pos + 1 - base);
     const int64_t off = ((it.head * p.pages) + table[pi]) * page * d;
     for (int64_t c0 = 0; c0 < n_keys; c0 += kLanes) {
-      const int64_t nk = std::min<int64_t>(kLanes, n_keys - c0);
+      const int64_t nk = std::min<int64_t>(kLanes, n_keys - c0);  // >= 1: the last row sees all
       const typename Pages::T* kp = p.k + off + c0 * d;
       const typename Pages::T* vp = p.v + off + c0 * d;
-      for (int64_t qi = 0; qi < nq; ++qi) {
-        const int64_t r = qi / g;
-        const int64_t visible = std::min<int64_t>(nk, first_pos + r + 1 - base - c0);
-        if (visible <= 0) continue;
-        const Vec* q = qs.data() + qi * nv;
-        for (int64_t j = 0; j < kLanes; ++j) {
-          Vec a = {};
-          if (j < visible) {
-            const typename Pages::T* kj = kp + j * d;
-            for (int64_t v = 0; v < nv; ++v) a += q[v] * Pages::Load(kj + v * kLanes);
-          }
-          part[j] = a;
+      for (int64_t j = 0; j < nk; ++j) {
+        for (int64_t v = 0; v < nv; ++v) row[v] = Pages::Load(kp + j * d + v * kLanes);
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          const Vec* q = qsp + qi * nv;
+          Vec a = q[0] * row[0];
+          for (int64_t v = 1; v < nv; ++v) a += q[v] * row[v];
+          partp[qi * kLanes + j] = a;
         }
-        const Vec s = Select(lane < static_cast<int32_t>(visible), SumEach(part),
+      }
+      for (int64_t j = nk; j < kLanes; ++j) {
+        for (int64_t qi = 0; qi < nq; ++qi) partp[qi * kLanes + j] = Vec{};
+      }
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const int64_t visible = std::min<int64_t>(nk, first_pos + qi / g + 1 - base - c0);
+        if (visible <= 0) {  // a row before this chunk: nothing to add, state untouched
+          evp[qi] = Vec{};
+          continue;
+        }
+        const Vec s = Select(lane < static_cast<int32_t>(visible), SumEach(&partp[qi * kLanes]),
                              Vec{} - INFINITY);
-        const float m_new = std::max(m[qi], MaxOf(s));
-        const float alpha = std::exp(m[qi] - m_new);  // 0 on the first chunk (m = -inf)
-        const Vec e = Exp(s - m_new);
-        l[qi] = l[qi] * alpha + SumOf(e);
-        m[qi] = m_new;
-        Vec* a = acc.data() + qi * nv;
+        const float m_new = std::max(mp[qi], MaxOf(s));
+        const float alpha = std::exp(mp[qi] - m_new);  // 0 on the first chunk (m = -inf)
+        const Vec e = Exp(s - m_new);                 // 0 in the masked lanes
+        lp[qi] = lp[qi] * alpha + SumOf(e);
+        mp[qi] = m_new;
         if (alpha != 1.f) {
+          Vec* a = accp + qi * nv;
           for (int64_t v = 0; v < nv; ++v) a[v] *= alpha;
         }
-        for (int64_t j = 0; j < visible; ++j) {
-          const float ej = e[j];
-          const typename Pages::T* vj = vp + j * d;
-          for (int64_t v = 0; v < nv; ++v) a[v] += ej * Pages::Load(vj + v * kLanes);
+        evp[qi] = e;
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        for (int64_t v = 0; v < nv; ++v) row[v] = Pages::Load(vp + j * d + v * kLanes);
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          const float ej = evp[qi][j];
+          if (ej == 0.f) continue;
+          Vec* a = accp + qi * nv;
+          for (int64_t v = 0; v < nv; ++v) a[v] += ej * row[v];
         }
       }
     }
@@ -212,9 +251,9 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
     for (int64_t gi = 0; gi < g; ++gi) {
       const int64_t qi = r * g + gi;
       float* dst = p.out + ((t * p.kh + it.head) * g + gi) * d;
-      const float inv = l[qi] > 0.f ? 1.f / l[qi] : 0.f;
+      const float inv = lp[qi] > 0.f ? 1.f / lp[qi] : 0.f;
       for (int64_t v = 0; v < nv; ++v) {
-        const Vec o = acc[qi * nv + v] * inv;
+        const Vec o = accp[qi * nv + v] * inv;
         std::memcpy(dst + v * kLanes, &o, sizeof(Vec));
       }
     }
@@ -240,7 +279,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<Pages::kType> k_p
             kv_lens.typed_data(),  block_tables.typed_data(), cu_q_lens.typed_data(),
             out->typed_data(),     qd[1], qd[2], qd[3], kd[1], kd[2], bd[1], scale};
   if (p.g > kMaxG || p.page > kMaxPage || kd[0] != p.kh || kd[3] != p.d ||
-      p.d % kLanes != 0) {
+      p.d % kLanes != 0 || p.d > kMaxD) {
     return ffi::Error::InvalidArgument("JaxllmPagedAttention: unsupported shapes");
   }
   std::memset(p.out, 0, out->size_bytes());
