@@ -228,13 +228,23 @@ def filter_logits(
     return jnp.where(keep, sorted_logits, -jnp.inf), order
 
 
+def greedy_argmax(logits: jax.Array) -> jax.Array:
+    """The first index of each row's maximum, logits [B, V] -> [B] int32 (jnp.argmax's answer
+    for rows without NaN). A max and a min over a mask: XLA:CPU runs jnp.argmax's (value,
+    index) pair reduction at about half this speed (64 x 49152: 7.2 vs 3.9 ms)."""
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(first, v - 1)  # a NaN row matches nowhere: keep the index in range
+
+
 def sample(logits: jax.Array, params: SamplingArrays, step: jax.Array) -> jax.Array:
     """Next token per row. logits [B, V] float32 -> [B] int32.
 
     step: [] or [B], the index of the token being drawn in each row's output; with the row's
     seed it fixes the draw, whatever else is in the batch.
     """
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tokens = greedy_argmax(logits)
 
     def sampled(_):
         filtered, order = filter_logits(

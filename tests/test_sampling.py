@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxllm import JaxLLMError, SamplingParams
-from jaxllm.sampling import SamplingArrays, filter_logits, sample
+from jaxllm.sampling import SamplingArrays, filter_logits, greedy_argmax, sample
 
 
 def arrays(params, batch=None):
@@ -40,6 +40,8 @@ def test_greedy_is_argmax():
     sp = arrays([SamplingParams(temperature=0.0)] * 8)
     got = sample(logits, sp, jnp.int32(0))
     np.testing.assert_array_equal(got, np.argmax(np.asarray(logits), -1))
+    ties = jnp.asarray([[0.0, 2.0, 2.0, 1.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -3.0, -1.0, -2.0]])
+    np.testing.assert_array_equal(greedy_argmax(ties), np.argmax(np.asarray(ties), -1))
 
 
 @pytest.mark.parametrize(
