@@ -143,9 +143,11 @@ inline Vec Exp(Vec x) {
 // used for every query of the item; each chunk's scores come out as one vector per query
 // (SumEach), its exponentials are taken together, and the online-softmax rescale happens once
 // per chunk.
-template <typename Pages>
+// NV: head_dim / kLanes when known at compile time (the common head sizes), so a key's vectors
+// stay in registers; 0 reads it from the problem.
+template <typename Pages, int NV>
 void RunItem(const Problem<Pages>& p, const Item& it) {
-  const int64_t g = p.g, d = p.d, page = p.page, nv = d / kLanes;
+  const int64_t g = p.g, d = p.d, page = p.page, nv = NV ? NV : d / kLanes;
   const int64_t nq = it.rows * g;  // query vectors in this item
   const int32_t kv_len = p.kv_lens[it.seq];
   const int32_t q_len = p.cu[it.seq + 1] - p.cu[it.seq];
@@ -304,7 +306,11 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<Pages::kType> k_p
   const JaxllmPool::Task task = [&](int, int) {
     for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(items.size());
          i = next.fetch_add(1)) {
-      RunItem<Pages>(p, items[i]);
+      switch (p.d / kLanes) {
+        case 4: RunItem<Pages, 4>(p, items[i]); break;
+        case 8: RunItem<Pages, 8>(p, items[i]); break;
+        default: RunItem<Pages, 0>(p, items[i]);
+      }
     }
   };
   if (items.size() <= 1) {
