@@ -81,18 +81,22 @@ def test_native_kernel_reads_held_pages_as_bfloat16():
     assert max_err(held, want) <= 2e-5
 
 
-def test_engine_on_held_pages_equals_engine_on_plain_bfloat16_pages(tiny_config):
+@pytest.mark.parametrize(
+    "attention", ["xla", pytest.param("flash", marks=pytest.mark.slow)]
+)  # xla: the native CPU kernel (or the jnp split); flash: the ragged kernel, interpreted
+def test_engine_on_held_pages_equals_engine_on_plain_bfloat16_pages(tiny_config, attention):
     """Greedy and seeded n=3 requests (forks: copy-on-write page copies) with a shared prefix
     (prefix-cached pages): the same tokens with the pool held either way."""
-    model = Transformer(tiny_config, random_params(tiny_config, seed=5, scale=0.3))
+    params = random_params(tiny_config, seed=5, scale=0.3)
+    model = Transformer(tiny_config, params, attention=attention)
     config = EngineConfig(num_pages=48, page_size=8, kv_cache_dtype="bfloat16")
     rng = np.random.default_rng(1)
-    shared = [int(t) for t in rng.integers(3, 250, 20)]
-    prompts = [shared + [7, 8], shared + [9], [int(t) for t in rng.integers(3, 250, 45)]]
+    shared = [int(t) for t in rng.integers(3, 250, 12)]
+    prompts = [shared + [7, 8], shared + [9], [int(t) for t in rng.integers(3, 250, 5)]]
     sp = [
-        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
-        SamplingParams(temperature=1.0, max_tokens=8, seed=3, n=3, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=5, seed=3, n=3, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
     ]
     outputs = []
     for hold in (True, False):
