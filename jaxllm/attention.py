@@ -71,11 +71,14 @@ _BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla, "flash": _flash, 
 
 def _paged_kernel(q, k_pages, v_pages, meta, *, sm_scale):
     from jaxllm.quant.kv import QuantizedKV
+    from jaxllm.quant.kv_bits import Bfloat16Bits
 
     scales = {}
     if isinstance(k_pages, QuantizedKV):  # int8 pages go in as they are, scales beside them
         scales = {"k_scales": k_pages.scale, "v_scales": v_pages.scale}
         k_pages, v_pages = k_pages.values, v_pages.values
+    if isinstance(k_pages, Bfloat16Bits):  # CPU only, where this kernel only interprets
+        k_pages, v_pages = k_pages.values(), v_pages.values()
     return ragged_paged_attention(
         q, k_pages, v_pages, meta.kv_lens, meta.block_tables, meta.cu_q_lens, meta.num_seqs,
         sm_scale=sm_scale, **scales,
@@ -101,9 +104,10 @@ def paged_uses_native_cpu(group: int, page_size: int, dtype, head_dim: int | Non
 def _paged_xla(q, k_pages, v_pages, meta, *, sm_scale):
     from jaxllm import cpu_kernels
     from jaxllm.engine.cpu_attention import split_paged_attention
+    from jaxllm.quant.kv_bits import Bfloat16Bits
 
     group, page_size = q.shape[1] // k_pages.shape[0], k_pages.shape[2]
-    if isinstance(k_pages, jax.Array) and paged_uses_native_cpu(
+    if isinstance(k_pages, jax.Array | Bfloat16Bits) and paged_uses_native_cpu(
         group, page_size, k_pages.dtype, q.shape[-1]
     ):  # one pass over each sequence's pages, on every core
         return cpu_kernels.paged_attention(

@@ -12,14 +12,17 @@ Axes: batch B, prompt slots T, cache slots S, vocab V.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.config import ModelConfig
 from jaxllm.errors import JaxLLMError
 from jaxllm.model import Transformer, default_cache_dtype, init_cache
 from jaxllm.sampling import SamplingArrays, SamplingParams, sample
@@ -65,6 +68,112 @@ class BatchTimings:
     decode_steps: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class GeneratorPrograms:
+    """What the generator's programs depend on besides their array arguments: the model's
+    structure and the cache dtype. Hashable, so that every generator with an equal one shares
+    one set of jitted programs (`programs_for`): a second generator on the same model, or on
+    one of the same structure, compiles nothing the first compiled. A sharded generator
+    (jaxllm/sharded_run.py) subclasses it: the model call, the cache and the outputs' placement."""
+
+    graphdef: Any
+    config: ModelConfig
+    cache_dtype: Any
+
+    def model(self, state):
+        return nnx.merge(self.graphdef, state)
+
+    def new_cache(self, batch: int, length: int):
+        return init_cache(self.config, batch, length, self.cache_dtype)
+
+    def cache_slots(self, cache) -> int:
+        return cache[0][0].shape[2]
+
+    def prefill(self, state, tokens, starts, sp: SamplingArrays, cache_len: int):
+        return prefill_impl(self, state, tokens, starts, sp, cache_len)
+
+    def decode(self, state, cache, first, starts, prompt_len, max_new, stop_ids, sp):
+        return decode_impl(self, state, cache, first, starts, prompt_len, max_new, stop_ids, sp)
+
+    def forward(self, state, tokens):
+        return forward_impl(self, state, tokens)
+
+
+def prefill_impl(programs: GeneratorPrograms, state, tokens, starts, sp, cache_len: int):
+    """tokens [B, T] left-padded, starts [B] -> (cache, first tokens [B])."""
+    model = programs.model(state)
+    b, t = tokens.shape
+    cache = programs.new_cache(b, cache_len)
+    slots = jnp.arange(t)
+    positions = jnp.maximum(slots[None, :] - starts[:, None], 0)
+    kv = jnp.arange(cache_len)[None, None, :]
+    mask = (kv <= slots[None, :, None]) & (kv >= starts[:, None, None])
+    logits, cache = model(tokens, positions, mask, cache, jnp.int32(0), last_only=True)
+    return cache, sample(logits[:, -1], sp, jnp.int32(0))
+
+
+def decode_impl(
+    programs: GeneratorPrograms, state, cache, first, starts, prompt_len, max_new, stop_ids, sp
+):
+    """Decode until every row hit a stop id or its max_new tokens.
+
+    first [B] (token at slot prompt_len), max_new [B], stop_ids [B, MAX_STOP_IDS] (-1 pad).
+    Returns (cache, tokens [B, S] (row b's first n_b are its output), n [B], steps).
+    """
+    model = programs.model(state)
+    b = first.shape[0]
+    s = programs.cache_slots(cache)
+    kv = jnp.arange(s)[None, None, :]
+
+    def is_stop(tok):
+        return jnp.any(tok[:, None] == stop_ids, axis=-1)
+
+    out = jnp.zeros((b, s), jnp.int32).at[:, 0].set(first)
+    n = jnp.ones((b,), jnp.int32)
+    done = is_stop(first) | (n >= max_new)
+
+    def cond(c):
+        _, _, step, _, done, _ = c
+        return (step < s - prompt_len) & ~jnp.all(done)
+
+    def body(c):
+        cache, tok, step, out, done, n = c
+        slot = prompt_len + step - 1  # where `tok` goes
+        positions = (slot - starts)[:, None]
+        mask = (kv >= starts[:, None, None]) & (kv <= slot)
+        logits, cache = model(tok[:, None], positions, mask, cache, slot)
+        nxt = sample(logits[:, -1], sp, step)
+        nxt = jnp.where(done, 0, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
+        n = n + (~done).astype(jnp.int32)
+        done = done | is_stop(nxt) | (n >= max_new)
+        return cache, nxt, step + 1, out, done, n
+
+    init = (cache, first, jnp.int32(1), out, done, n)
+    cache, _, steps, out, _, n = jax.lax.while_loop(cond, body, init)
+    return cache, out, n, steps
+
+
+def forward_impl(programs: GeneratorPrograms, state, tokens):
+    """Full-sequence logits [B, T, V] with a causal mask and no cache."""
+    model = programs.model(state)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
+    logits, _ = model(tokens, positions, mask)
+    return logits
+
+
+@functools.lru_cache(maxsize=16)
+def programs_for(programs: GeneratorPrograms) -> tuple[Callable, Callable, Callable]:
+    """The jitted (prefill, decode, forward) of `programs`, one set per equal value."""
+    return (
+        jax.jit(programs.prefill, static_argnums=(4,)),
+        jax.jit(programs.decode, donate_argnums=(1,)),
+        jax.jit(programs.forward),
+    )
+
+
 class Generator:
     """Holds the split model and its compiled prefill/decode/forward programs."""
 
@@ -74,83 +183,16 @@ class Generator:
         self.cache_dtype = jnp.dtype(cache_dtype or default_cache_dtype(model))
         self.max_batch = max_batch
         self.batch_multiple = 1  # batches are padded to a multiple of this (the data axis)
-        self._prefill = jax.jit(self._prefill_impl, static_argnums=(4,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
-        self._forward = jax.jit(self._forward_impl)
+        self.programs = self._programs()
+        self._prefill, self._decode, self._forward = programs_for(self.programs)
         self.last_timings = BatchTimings()
 
-    # ------------------------------------------------------------------ programs
-    # Hooks a sharded generator overrides (jaxllm/parallel.py): the model from its state,
-    # a fresh cache, and the cache's slot count.
-    def _model(self, state):
-        return nnx.merge(self.graphdef, state)
+    def _programs(self) -> GeneratorPrograms:
+        """What the programs are traced from (a sharded generator returns its own kind)."""
+        return GeneratorPrograms(self.graphdef, self.config, self.cache_dtype)
 
     def _new_cache(self, batch: int, length: int):
-        return init_cache(self.config, batch, length, self.cache_dtype)
-
-    @staticmethod
-    def _cache_slots(cache) -> int:
-        return cache[0][0].shape[2]
-
-    def _prefill_impl(self, state, tokens, starts, sp: SamplingArrays, cache_len: int):
-        """tokens [B, T] left-padded, starts [B] -> (cache, first tokens [B])."""
-        model = self._model(state)
-        b, t = tokens.shape
-        cache = self._new_cache(b, cache_len)
-        slots = jnp.arange(t)
-        positions = jnp.maximum(slots[None, :] - starts[:, None], 0)
-        kv = jnp.arange(cache_len)[None, None, :]
-        mask = (kv <= slots[None, :, None]) & (kv >= starts[:, None, None])
-        logits, cache = model(tokens, positions, mask, cache, jnp.int32(0), last_only=True)
-        return cache, sample(logits[:, -1], sp, jnp.int32(0))
-
-    def _decode_impl(self, state, cache, first, starts, prompt_len, max_new, stop_ids, sp):
-        """Decode until every row hit a stop id or its max_new tokens.
-
-        first [B] (token at slot prompt_len), max_new [B], stop_ids [B, MAX_STOP_IDS] (-1 pad).
-        Returns (cache, tokens [B, S] (row b's first n_b are its output), n [B], steps).
-        """
-        model = self._model(state)
-        b = first.shape[0]
-        s = self._cache_slots(cache)
-        kv = jnp.arange(s)[None, None, :]
-
-        def is_stop(tok):
-            return jnp.any(tok[:, None] == stop_ids, axis=-1)
-
-        out = jnp.zeros((b, s), jnp.int32).at[:, 0].set(first)
-        n = jnp.ones((b,), jnp.int32)
-        done = is_stop(first) | (n >= max_new)
-
-        def cond(c):
-            _, _, step, _, done, _ = c
-            return (step < s - prompt_len) & ~jnp.all(done)
-
-        def body(c):
-            cache, tok, step, out, done, n = c
-            slot = prompt_len + step - 1  # where `tok` goes
-            positions = (slot - starts)[:, None]
-            mask = (kv >= starts[:, None, None]) & (kv <= slot)
-            logits, cache = model(tok[:, None], positions, mask, cache, slot)
-            nxt = sample(logits[:, -1], sp, step)
-            nxt = jnp.where(done, 0, nxt)
-            out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
-            n = n + (~done).astype(jnp.int32)
-            done = done | is_stop(nxt) | (n >= max_new)
-            return cache, nxt, step + 1, out, done, n
-
-        init = (cache, first, jnp.int32(1), out, done, n)
-        cache, _, steps, out, _, n = jax.lax.while_loop(cond, body, init)
-        return cache, out, n, steps
-
-    def _forward_impl(self, state, tokens):
-        """Full-sequence logits [B, T, V] with a causal mask and no cache."""
-        model = self._model(state)
-        b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
-        logits, _ = model(tokens, positions, mask)
-        return logits
+        return self.programs.new_cache(batch, length)
 
     # ------------------------------------------------------------------ host side
     def check_prompt(self, ids: Sequence[int], max_tokens: int) -> None:

@@ -14,6 +14,7 @@ Axes as in jaxllm/model.py: batch B, positions T, cache slots S, KV heads K, hea
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxllm import cpu_kernels
 from jaxllm.config import ModelConfig
 from jaxllm.errors import JaxLLMError
-from jaxllm.generate import Generator
+from jaxllm.generate import Generator, GeneratorPrograms
 from jaxllm.model import Transformer, init_cache
 from jaxllm.parallel import (
     CACHE_AXES,
@@ -115,33 +116,30 @@ class _PipelinedModel:
         return _constrain(outer.head(x), (R.BATCH, R.LENGTH, R.VOCAB), m), cache
 
 
-class ShardedGenerator(Generator):
-    """The static generator over a mesh: the same programs, traced with sharded weights,
-    batches padded to a multiple of `data`, and XLA's dots instead of the native CPU kernel."""
+@dataclasses.dataclass(frozen=True)
+class ShardedPrograms(GeneratorPrograms):
+    """The generator's programs on a mesh: the model call pinned to its shardings (or run as
+    GPipe stages), the cache placed on the mesh, XLA's dots instead of the native CPU kernel,
+    and the sampled tokens replicated."""
 
-    def __init__(self, sharded: ShardedModel, *, max_batch: int = 64, microbatches: int = 0):
-        self.mesh = sharded.mesh
-        self.sharded = sharded
-        data = mesh_config(sharded.mesh).data
-        if max_batch % data:
-            raise JaxLLMError(f"max_batch={max_batch} is not a multiple of data={data}")
-        super().__init__(sharded.model, max_batch=max_batch)
-        self.config = sharded.config
-        self.batch_multiple = data
-        if sharded.pipelined:
-            self.microbatches = microbatches or mesh_config(sharded.mesh).pipeline
-            self.state = {"outer": self.state, "stages": sharded.stages}
+    mesh: Mesh | None = None
+    block_def: Any = None  # pipeline > 1: the graphdef shared by every layer
+    microbatches: int = 0  # pipeline > 1
 
-    def _model(self, state):
-        if self.sharded.pipelined:
+    @property
+    def pipelined(self) -> bool:
+        return self.block_def is not None
+
+    def model(self, state):
+        if self.pipelined:
             outer = nnx.merge(self.graphdef, state["outer"])
             return _PipelinedModel(
-                outer, self.sharded.block_def, state["stages"], self.mesh, self.microbatches
+                outer, self.block_def, state["stages"], self.mesh, self.microbatches
             )
-        return _ConstrainedModel(super()._model(state), self.mesh)
+        return _ConstrainedModel(super().model(state), self.mesh)
 
-    def _new_cache(self, batch: int, length: int):
-        if not self.sharded.pipelined:
+    def new_cache(self, batch: int, length: int):
+        if not self.pipelined:
             cache = init_cache(self.config, batch, length, self.cache_dtype)
             return jax.tree.map(lambda a: _constrain(a, CACHE_AXES, self.mesh), cache)
         mc = mesh_config(self.mesh)
@@ -152,27 +150,54 @@ class ShardedGenerator(Generator):
         zeros = jnp.zeros(shape, self.cache_dtype)
         return tuple(_constrain(zeros, STAGED_CACHE_AXES, self.mesh) for _ in range(2))
 
-    def _cache_slots(self, cache) -> int:
-        return cache[0].shape[4] if self.sharded.pipelined else cache[0][0].shape[2]
+    def cache_slots(self, cache) -> int:
+        return cache[0].shape[4] if self.pipelined else cache[0][0].shape[2]
 
     # Tokens come back replicated: every process of a multi-host job can read them.
     def _whole(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, R.spec(())))
 
-    def _prefill_impl(self, *args):
+    def prefill(self, *args):
         with cpu_kernels.einsum_only():
-            cache, first = super()._prefill_impl(*args)
+            cache, first = super().prefill(*args)
         return cache, self._whole(first)
 
-    def _decode_impl(self, *args):
+    def decode(self, *args):
         with cpu_kernels.einsum_only():
-            cache, out, n, steps = super()._decode_impl(*args)
+            cache, out, n, steps = super().decode(*args)
         return cache, self._whole(out), self._whole(n), steps
 
-    def _forward_impl(self, *args):
+    def forward(self, *args):
         with cpu_kernels.einsum_only():
-            logits = super()._forward_impl(*args)
+            logits = super().forward(*args)
         return self._whole(logits) if jax.process_count() > 1 else logits
+
+
+class ShardedGenerator(Generator):
+    """The static generator over a mesh: the same programs, traced with sharded weights,
+    batches padded to a multiple of `data`, and XLA's dots instead of the native CPU kernel."""
+
+    def __init__(self, sharded: ShardedModel, *, max_batch: int = 64, microbatches: int = 0):
+        self.mesh = sharded.mesh
+        self.sharded = sharded
+        data = mesh_config(sharded.mesh).data
+        if max_batch % data:
+            raise JaxLLMError(f"max_batch={max_batch} is not a multiple of data={data}")
+        self.microbatches = 0
+        if sharded.pipelined:
+            self.microbatches = microbatches or mesh_config(sharded.mesh).pipeline
+        super().__init__(sharded.model, max_batch=max_batch)
+        self.config = sharded.config
+        self.batch_multiple = data
+        if sharded.pipelined:
+            self.state = {"outer": self.state, "stages": sharded.stages}
+
+    def _programs(self) -> ShardedPrograms:
+        return ShardedPrograms(
+            self.graphdef, self.sharded.config, self.cache_dtype, mesh=self.mesh,
+            block_def=self.sharded.block_def if self.sharded.pipelined else None,
+            microbatches=self.microbatches,
+        )  # fmt: skip
 
 
 def shard_generator(
@@ -220,9 +245,21 @@ def shard_engine(engine: Any, mesh: Mesh) -> Any:
                 engine.model_config.head_dim,
             )
         )
+    leaves, treedef = jax.tree.flatten(page_sharding)
+    runner._step, runner._copy = _sharded_engine_programs(
+        runner.graphdef, mesh, tuple(leaves), treedef
+    )
+    return engine
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_engine_programs(graphdef, mesh: Mesh, page_leaves: tuple, page_treedef) -> tuple:
+    """The engine's jitted (step, page copy) on `mesh`, one pair per model structure and page
+    placement (as `model_runner._step_program`): a second engine compiles nothing anew."""
     from jaxllm.engine.model_runner import copy_pages_impl, step_impl
 
-    impl = functools.partial(step_impl, runner.graphdef)
+    page_sharding = jax.tree.unflatten(page_treedef, page_leaves)
+    impl = functools.partial(step_impl, graphdef)
     whole = NamedSharding(mesh, R.spec(()))
 
     def step(state, pages, *rest, **static):
@@ -230,14 +267,14 @@ def shard_engine(engine: Any, mesh: Mesh) -> Any:
             pages, sampled = impl(state, pages, *rest, **static)
         return pages, jax.lax.with_sharding_constraint(sampled, whole)
 
-    runner._step = jax.jit(
+    step_jit = jax.jit(
         step,
         donate_argnums=(1,),
         static_argnames=("logprobs_k", "prompt_k", "penalties"),
         out_shardings=(page_sharding, whole),
     )
-    runner._copy = jax.jit(copy_pages_impl, donate_argnums=(0,), out_shardings=page_sharding)
-    return engine
+    copy_jit = jax.jit(copy_pages_impl, donate_argnums=(0,), out_shardings=page_sharding)
+    return step_jit, copy_jit
 
 
 def _runner_attention(engine: Any) -> str:

@@ -51,8 +51,10 @@ _ATTENTION_TARGETS = {
     jnp.dtype(jnp.float32): ("jaxllm_paged_attention", "JaxllmPagedAttention"),
     jnp.dtype(jnp.float16): ("jaxllm_paged_attention_f16", "JaxllmPagedAttentionF16"),
     jnp.dtype(jnp.bfloat16): ("jaxllm_paged_attention_bf16", "JaxllmPagedAttentionBF16"),
+    # bfloat16 pages held as uint16 bits (`jaxllm.quant.kv_bits.Bfloat16Bits`)
+    jnp.dtype(jnp.uint16): ("jaxllm_paged_attention_bf16_bits", "JaxllmPagedAttentionBF16Bits"),
 }
-PAGED_DTYPES = tuple(_ATTENTION_TARGETS)
+PAGED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w", "-pthread"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -211,8 +213,13 @@ def paged_attention(
 ) -> jax.Array:
     """`ragged_paged_attention` on CPU through `paged_attention.cc` (G <= 16, page size <= 256,
     head_dim a multiple of 16 up to 256). q [T, H, D], pages [K, P, page, D] -> [T, H, D]. The
-    pages are read as they are stored (float32, float16 or bfloat16: `PAGED_DTYPES`), q and the
-    result in float32. Call only where `available()`; the jnp reference is its oracle."""
+    pages are read as they are stored (float32, float16 or bfloat16: `PAGED_DTYPES`, or
+    bfloat16 held as uint16 bits: `Bfloat16Bits`), q and the result in float32. Call only
+    where `available()`; the jnp reference is its oracle."""
+    from jaxllm.quant.kv_bits import Bfloat16Bits
+
+    if isinstance(k_pages, Bfloat16Bits) and isinstance(v_pages, Bfloat16Bits):
+        k_pages, v_pages = k_pages.bits, v_pages.bits  # the uint16 target reads them as bf16
     t, h, d = q.shape
     kh = k_pages.shape[0]
     if k_pages.dtype != v_pages.dtype or k_pages.dtype not in _ATTENTION_TARGETS:

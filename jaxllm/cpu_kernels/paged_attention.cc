@@ -6,7 +6,8 @@
 //     -> out [T, K, G, D]
 //
 // q and out are float32. The pages are float32 (JaxllmPagedAttention), float16
-// (JaxllmPagedAttentionF16, llama.cpp's default cache) or bfloat16 (JaxllmPagedAttentionBF16):
+// (JaxllmPagedAttentionF16, llama.cpp's default cache) or bfloat16 (JaxllmPagedAttentionBF16,
+// or JaxllmPagedAttentionBF16Bits for bfloat16 held as uint16 bits, as the engine holds them):
 // a decode step is bound by reading the cache, so half-width pages are converted to float32
 // in registers as they are read, never copied.
 //
@@ -58,6 +59,13 @@ struct F16Pages {
 struct BF16Pages {
   using T = uint16_t;
   static constexpr ffi::DataType kType = ffi::BF16;
+  static Vec Load(const T* p) { return LoadBF16(p); }
+};
+
+// bfloat16 pages the engine holds as uint16 bit patterns (XLA:CPU has no bfloat16 scatter).
+struct BF16BitsPages {
+  using T = uint16_t;
+  static constexpr ffi::DataType kType = ffi::U16;
   static Vec Load(const T* p) { return LoadBF16(p); }
 };
 
@@ -339,3 +347,4 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<Pages::kType> k_p
 JAXLLM_PAGED_HANDLER(JaxllmPagedAttention, F32Pages)
 JAXLLM_PAGED_HANDLER(JaxllmPagedAttentionF16, F16Pages)
 JAXLLM_PAGED_HANDLER(JaxllmPagedAttentionBF16, BF16Pages)
+JAXLLM_PAGED_HANDLER(JaxllmPagedAttentionBF16Bits, BF16BitsPages)

@@ -20,6 +20,7 @@ from jaxllm.attention import paged_reads_split
 from jaxllm.engine.scheduler import SchedulerOutput
 from jaxllm.model import PagedMeta, Transformer, default_cache_dtype, init_pages
 from jaxllm.quant.kv import kv_bytes_per_element
+from jaxllm.quant.kv_bits import page_storage
 from jaxllm.sampling import (
     SamplingArrays,
     SamplingParams,
@@ -119,7 +120,8 @@ class ModelRunner:
         self.num_pages = num_pages
         self.graphdef, self.state = nnx.split(model)
         cache_dtype = cache_dtype or default_cache_dtype(model)
-        self.pages = init_pages(self.config, num_pages, page_size, cache_dtype)
+        # On CPU bfloat16 pages are held as uint16 bits: XLA:CPU has no bfloat16 scatter.
+        self.pages = page_storage(init_pages(self.config, num_pages, page_size, cache_dtype))
         self._step = _step_program(self.graphdef)
         self._copy = _copy_pages
         # The decode/prefill split metadata is only read by the jnp CPU path; leaving it

@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxllm.quant.kv_bits import Bfloat16Bits, to_bits
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,8 @@ def read_kv(entry: jax.Array | QuantizedKV, dtype=jnp.float32) -> jax.Array:
     attention's multiply-reduce)."""
     if isinstance(entry, QuantizedKV):
         return (entry.values.astype(jnp.float32) * entry.scale[..., None]).astype(dtype)
+    if isinstance(entry, Bfloat16Bits):
+        return entry.values()
     return entry
 
 
@@ -86,6 +90,10 @@ def scatter_slots(
         values = entry.values.reshape(kh, n_pages * page, d).at[:, slots].set(q.values, mode="drop")
         scale = entry.scale.reshape(kh, n_pages * page).at[:, slots].set(q.scale, mode="drop")
         return QuantizedKV(values.reshape(entry.shape), scale.reshape(entry.shape[:-1]))
+    if isinstance(entry, Bfloat16Bits):  # scattered in place as uint16 (see kv_bits)
+        bits = entry.bits.reshape(kh, n_pages * page, d)
+        bits = bits.at[:, slots].set(to_bits(new), mode="drop")
+        return Bfloat16Bits(bits.reshape(entry.shape))
     flat = (
         entry.reshape(kh, n_pages * page, d).at[:, slots].set(new.astype(entry.dtype), mode="drop")
     )
@@ -101,6 +109,9 @@ def gather_pages(pages: jax.Array | QuantizedKV, tables: jax.Array) -> jax.Array
         values = jnp.moveaxis(pages.values[:, tables], 0, 1).reshape(n, k, p * page, d)
         scale = jnp.moveaxis(pages.scale[:, tables], 0, 1).reshape(n, k, p * page)
         return values.astype(jnp.float32) * scale[..., None]
+    if isinstance(pages, Bfloat16Bits):  # only the gathered pages are taken as bfloat16
+        bits = jnp.moveaxis(pages.bits[:, tables], 0, 1).reshape(n, k, p * page, d)
+        return Bfloat16Bits(bits).values().astype(jnp.float32)
     return jnp.moveaxis(pages[:, tables], 0, 1).reshape(n, k, p * page, d).astype(jnp.float32)
 
 

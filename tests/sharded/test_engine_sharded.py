@@ -42,6 +42,29 @@ def test_engine_on_a_mesh_equals_static_generator(mesh, prompts):
     assert [r.output for r in engine.run(prompts, sp)] == want
 
 
+@pytest.mark.slow
+def test_a_second_sharded_engine_compiles_nothing():
+    """The sharded step is shared per model structure, mesh and page placement: a second
+    engine (a new pool) on the mesh gives the static generator's tokens and lowers nothing."""
+    from tests.test_generate import CompileCounter
+
+    cfg = ModelConfig.from_yaml("tiny-mesh")
+    params = random_params(cfg, seed=7, scale=0.3)
+    prompts = PROMPTS[:2]
+    sp = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)] * len(prompts)
+    want = [g.token_ids for g in Generator(Transformer(cfg, params)).generate(prompts, sp)]
+    m = resolve_mesh("data=2,tensor=4")
+    sharded = shard_model(cfg, params, m)
+    config = EngineConfig(num_pages=32, page_size=8, max_num_batched_tokens=64)
+    assert [
+        r.output for r in shard_engine(LLMEngine(sharded.model, config), m).run(prompts, sp)
+    ] == want
+    again = shard_engine(LLMEngine(sharded.model, config), m)
+    with CompileCounter() as counter:
+        assert [r.output for r in again.run(prompts, sp)] == want
+    assert counter.names == []
+
+
 def test_engine_refuses_pipeline_stages(tiny_config):
     m = resolve_mesh("pipeline=2")
     sharded = shard_model(tiny_config, random_params(tiny_config), m)

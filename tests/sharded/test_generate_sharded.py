@@ -47,6 +47,22 @@ def test_sharded_logits_and_greedy_tokens_equal_single_device(tiny_mesh, shape):
     assert [g.token_ids for g in gen.generate(PROMPTS, sp)] == want_tokens
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 4), (2, 2, 2)], ids=lambda s: mesh_text(s))
+def test_a_second_sharded_generator_compiles_nothing(tiny_mesh, shape):
+    """Programs are shared per model structure and mesh (GPipe stages included): a second
+    generator on new shards of the same weights gives the tokens of the single-device run
+    and lowers no program."""
+    from tests.test_generate import CompileCounter
+
+    cfg, params, _, sp, want_tokens = tiny_mesh
+    first = shard_generator(cfg, params, mesh_text(shape), max_batch=8)
+    assert [g.token_ids for g in first.generate(PROMPTS, sp)] == want_tokens
+    again = shard_generator(cfg, params, mesh_text(shape), max_batch=8)
+    with CompileCounter() as counter:
+        assert [g.token_ids for g in again.generate(PROMPTS, sp)] == want_tokens
+    assert counter.names == []
+
+
 @pytest.mark.slow
 def test_sharded_sampling_matches_single_device(tiny_mesh):
     """Seeded sampling draws the same tokens: the logits agree and the keys are the same."""
