@@ -102,6 +102,46 @@ def test_weight_only_matmul_matches_float_within_the_bound(bits, group):
     assert np.all(np.abs(y - x @ w.T) <= bound + 1e-4)
 
 
+@pytest.mark.parametrize("k", [576, 200])  # 9 runs of 64 bytes; 3 runs and a tail of 8
+def test_int8_dot_is_exact_integer_arithmetic(k):
+    """w8a8's int8 x int8 -> int32 product (the native VNNI kernel on CPU for <= 16 rows, XLA's
+    dot otherwise) against numpy's int64 product, including the extreme codes -128 and 127."""
+    from jaxllm.quant.matmul import int8_matmul
+
+    rng = np.random.default_rng(9)
+    w = rng.integers(-127, 128, (70, k)).astype(np.int8)
+    for rows in (1, 5, 7, 11, 16, 17):
+        x = rng.integers(-128, 128, (rows, k)).astype(np.int8)
+        x[0, :3] = (-128, 127, -128)
+        got = np.asarray(jax.jit(int8_matmul)(jnp.asarray(x), jnp.asarray(w)))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64).T)
+
+
+@pytest.mark.parametrize("group", [64, 128, 32])  # VNNI groups (multiples of 64) and scalar
+def test_grouped_int8_matmul_is_the_per_group_integer_product(group):
+    """w8a8 with per-group activation scales: for each group the exact integer product of
+    the codes, times the group's activation scale and the channel scale (numpy, float64),
+    at row counts that take the native kernel (<= 16 on CPU) and XLA's batched dot (17)."""
+    from jaxllm.quant.matmul import grouped_int8_matmul
+
+    rng = np.random.default_rng(11)
+    qw = quantize(_weights((48, 256), seed=12), 8)
+    for rows in (1, 7, 16, 17):
+        x = rng.standard_normal((rows, 256)).astype(np.float32)
+        x[:, 5] *= 40.0
+        xq, xs = (
+            np.asarray(a, np.float64)
+            for a in quantize_rows(jnp.asarray(x).reshape(rows, -1, group))
+        )
+        ints = np.einsum(
+            "rgi,ogi->rgo", xq, np.asarray(qw.values, np.float64).reshape(48, -1, group)
+        )
+        want = (ints * xs).sum(1) * np.asarray(qw.scale[:, 0], np.float64)
+        got = np.asarray(jax.jit(grouped_int8_matmul, static_argnums=2)(jnp.asarray(x), qw, group))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_w8a8_matmul_matches_float_within_the_bound():
     w = _weights((40, 96), seed=5)
     x = np.random.default_rng(6).standard_normal((7, 96)).astype(np.float32)

@@ -132,7 +132,13 @@ def available() -> bool:
                         jax.ffi.register_ffi_target(
                             target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
                         )
-                    for name in ("JaxllmQMatVec8", "JaxllmQMatVec4"):  # jaxllm.quant.matmul
+                    # the quantized products of jaxllm.quant.matmul
+                    for name in (
+                        "JaxllmQMatVec8",
+                        "JaxllmQMatVec4",
+                        "JaxllmInt8Dot",
+                        "JaxllmInt8GroupDot",
+                    ):
                         jax.ffi.register_ffi_target(
                             name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
                         )

@@ -5,6 +5,12 @@
 //                   in each group, byte j holds input j low and input j + group/2 high),
 //                   scale f32 [N, G], offset f32 [N, G] (asymmetric) or empty (codes - 8),
 //                   and the per-group sums of x, xsum f32 [R, G]
+//   JaxllmInt8Dot:  y[R, N] = x[R, K] @ W^T in int32, x int8 (w8a8's per-token activation
+//                   codes), W int8 [N, K]: exact integer dot products, as XLA's
+//                   int8 x int8 -> int32 dot gives them
+//   JaxllmInt8GroupDot: y[R, N] = sum over groups g of xs[R, g] * (x_g @ W_g^T), float32,
+//                   x int8 [R, K] with one scale per row per group xs f32 [R, G]
+//                   (w8a8 with per-group activation scales), W int8 [N, K]
 //
 // G groups of K / G inputs share a scale. XLA:CPU converts quantized weights to float before
 // a dot, so a batch-1 step would read each weight once as codes and twice more as floats;
@@ -141,6 +147,121 @@ void Rows4(const Job& job, int64_t j0, int64_t j1) {
   BlockedRows<Block4<kRowBlock>, Block4<4>, Block4<2>, Block4<1>>(job, j0, j1);
 }
 
+// int8 x int8 -> int32. AVX512-VNNI's vpdpbusd multiplies unsigned by signed bytes, so the
+// activation codes go in offset by 128 (a flip of the sign bit) and 128 * sum(w) comes off.
+struct DotJob {
+  const int8_t* x;
+  const int8_t* w;
+  int32_t* y;
+  int64_t rows, k, n;
+};
+
+template <int RB>
+void DotBlock(const DotJob& job, int64_t j, int64_t r0) {
+  const int64_t k = job.k;
+  const int8_t* wj = job.w + j * k;
+  const int8_t* x0 = job.x + r0 * k;
+  int32_t tail[RB] = {};
+  int64_t i = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512i acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_si512();
+  __m512i wsum = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8(-128);
+  for (; i + 64 <= k; i += 64) {
+    const __m512i w = _mm512_loadu_si512(wj + i);
+    wsum = _mm512_dpbusd_epi32(wsum, ones, w);
+    for (int r = 0; r < RB; ++r) {
+      const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(x0 + r * k + i), flip);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], xu, w);
+    }
+  }
+  const int32_t offset = 128 * _mm512_reduce_add_epi32(wsum);
+  for (int r = 0; r < RB; ++r) tail[r] = _mm512_reduce_add_epi32(acc[r]) - offset;
+#endif
+  for (; i < k; ++i) {
+    const int32_t wi = wj[i];
+    for (int r = 0; r < RB; ++r) tail[r] += static_cast<int32_t>(x0[r * k + i]) * wi;
+  }
+  for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = tail[r];
+}
+
+void DotRows(const DotJob& job, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    int64_t r = 0;
+    for (; r + 8 <= job.rows; r += 8) DotBlock<8>(job, j, r);
+    if (r + 4 <= job.rows) DotBlock<4>(job, j, r), r += 4;
+    if (r + 2 <= job.rows) DotBlock<2>(job, j, r), r += 2;
+    if (r < job.rows) DotBlock<1>(job, j, r);
+  }
+}
+
+// Per-group activation scales: each group's exact int32 lanes are converted to float and
+// scaled once per group (groups of a multiple of 64 inputs; others take the scalar loop).
+struct GroupDotJob {
+  const int8_t* x;
+  const float* xs;
+  const int8_t* w;
+  float* y;
+  int64_t rows, k, n, groups;
+};
+
+template <int RB>
+void GroupDotBlock(const GroupDotJob& job, int64_t j, int64_t r0) {
+  const int64_t k = job.k, g = k / job.groups;
+  const int8_t* wj = job.w + j * k;
+  const int8_t* x0 = job.x + r0 * k;
+  const float* s0 = job.xs + r0 * job.groups;
+  float out[RB] = {};
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (g % 64 == 0) {
+    __m512 acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
+    const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8(-128);
+    for (int64_t gi = 0; gi < job.groups; ++gi) {
+      __m512i lanes[RB];
+      for (int r = 0; r < RB; ++r) lanes[r] = _mm512_setzero_si512();
+      __m512i wsum = _mm512_setzero_si512();
+      for (int64_t i = gi * g; i < (gi + 1) * g; i += 64) {
+        const __m512i w = _mm512_loadu_si512(wj + i);
+        wsum = _mm512_dpbusd_epi32(wsum, ones, w);
+        for (int r = 0; r < RB; ++r) {
+          const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(x0 + r * k + i), flip);
+          lanes[r] = _mm512_dpbusd_epi32(lanes[r], xu, w);
+        }
+      }
+      const __m512i offset = _mm512_slli_epi32(wsum, 7);  // 128 * sum(w), per lane
+      for (int r = 0; r < RB; ++r) {
+        const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(lanes[r], offset));
+        acc[r] = _mm512_fmadd_ps(exact, _mm512_set1_ps(s0[r * job.groups + gi]), acc[r]);
+      }
+    }
+    for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = _mm512_reduce_add_ps(acc[r]);
+    return;
+  }
+#endif
+  for (int64_t gi = 0; gi < job.groups; ++gi) {
+    for (int r = 0; r < RB; ++r) {
+      int32_t dot = 0;
+      for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
+        dot += static_cast<int32_t>(x0[r * k + i]) * static_cast<int32_t>(wj[i]);
+      }
+      out[r] += s0[r * job.groups + gi] * static_cast<float>(dot);
+    }
+  }
+  for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = out[r];
+}
+
+void GroupDotRows(const GroupDotJob& job, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    int64_t r = 0;
+    for (; r + 8 <= job.rows; r += 8) GroupDotBlock<8>(job, j, r);
+    if (r + 4 <= job.rows) GroupDotBlock<4>(job, j, r), r += 4;
+    if (r + 2 <= job.rows) GroupDotBlock<2>(job, j, r), r += 2;
+    if (r < job.rows) GroupDotBlock<1>(job, j, r);
+  }
+}
+
 void Run(const Job& job, void (*rows)(const Job&, int64_t, int64_t)) {
   if (job.n * job.k < kMinParallelElements) {
     rows(job, 0, job.n);
@@ -185,6 +306,42 @@ ffi::Error QMatVec4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer
   return ffi::Error::Success();
 }
 
+ffi::Error Int8Dot(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y) {
+  const int64_t n = w.dimensions()[0], k = w.dimensions()[1];
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
+  const DotJob job{x.typed_data(), w.typed_data(), y->typed_data(), rows, k, n};
+  if (n * k < kMinParallelElements) {
+    DotRows(job, 0, n);
+  } else {
+    const JaxllmPool::Task task = [&job](int share, int shares) {
+      DotRows(job, job.n * share / shares, job.n * (share + 1) / shares);
+    };
+    JaxllmGetPool().Run(task);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8GroupDot(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> xs,
+                        ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t n = w.dimensions()[0], k = w.dimensions()[1];
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
+  const int64_t groups = static_cast<int64_t>(xs.element_count()) / rows;
+  if (groups <= 0 || k % groups != 0) {
+    return ffi::Error::InvalidArgument("JaxllmInt8GroupDot: groups must divide K");
+  }
+  const GroupDotJob job{x.typed_data(), xs.typed_data(), w.typed_data(), y->typed_data(),
+                        rows, k, n, groups};
+  if (n * k < kMinParallelElements) {
+    GroupDotRows(job, 0, n);
+  } else {
+    const JaxllmPool::Task task = [&job](int share, int shares) {
+      GroupDotRows(job, job.n * share / shares, job.n * (share + 1) / shares);
+    };
+    JaxllmGetPool().Run(task);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatVec8, QMatVec8,
@@ -201,4 +358,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatVec4, QMatVec4,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmInt8Dot, Int8Dot,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmInt8GroupDot, Int8GroupDot,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

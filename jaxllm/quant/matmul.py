@@ -34,6 +34,14 @@ def grouped_int8_matmul(x: jax.Array, w: QuantizedWeight, group: int) -> jax.Arr
     lead, n_in = x.shape[:-1], x.shape[-1]
     ng = n_in // group
     xq, xs = quantize_rows(x.reshape(-1, ng, group))  # [R, N, g], [R, N, 1]
+    rows = xq.shape[0]
+    if rows <= cpu_kernels.MAX_ROWS and jax.default_backend() == "cpu" and cpu_kernels.available():
+        # decode: the native VNNI kernel (exact int32 per group, scaled once per group)
+        out = jax.ShapeDtypeStruct((rows, w.shape[0]), jnp.float32)
+        y = jax.ffi.ffi_call("JaxllmInt8GroupDot", out, vmap_method="sequential")(
+            xq.reshape(rows, n_in), xs.reshape(rows, ng), w.values
+        )
+        return (y * w.scale[:, 0].astype(jnp.float32)).reshape(*lead, -1)
     wq = w.values.reshape(-1, ng, group)  # [O, N, g]
     dims = (((2,), (2,)), ((1,), (1,)))  # contract g, batch over the groups N
     acc = jax.lax.dot_general(xq, wq, dims, preferred_element_type=jnp.int32)  # [N, R, O]
@@ -51,7 +59,13 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def int8_matmul(xq: jax.Array, wq: jax.Array) -> jax.Array:
-    """int8 [..., I] x int8 [O, I] -> int32 [..., O]."""
+    """int8 [..., I] x int8 [O, I] -> int32 [..., O]. On CPU, few rows (decode) go to the
+    native VNNI kernel (`qmatvec.cc`'s JaxllmInt8Dot: the same exact integers; XLA:CPU's
+    int8 dot runs far below the float32 rate at few rows)."""
+    rows = math.prod(xq.shape[:-1])
+    if rows <= cpu_kernels.MAX_ROWS and jax.default_backend() == "cpu" and cpu_kernels.available():
+        out = jax.ShapeDtypeStruct(xq.shape[:-1] + (wq.shape[0],), jnp.int32)
+        return jax.ffi.ffi_call("JaxllmInt8Dot", out, vmap_method="sequential")(xq, wq)
     dims = (((xq.ndim - 1,), (1,)), ((), ()))
     return jax.lax.dot_general(xq, wq, dims, preferred_element_type=jnp.int32)
 
