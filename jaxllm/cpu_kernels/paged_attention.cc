@@ -190,23 +190,7 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
   const int32_t* table = p.tables + static_cast<int64_t>(it.seq) * p.maxp;
   const int64_t n_pages = last_pos / page + 1;
   Vec row[kMaxD / kLanes];
-  // Pages sit anywhere in the pool, so the hardware prefetcher, which follows sequential
-  // addresses, stalls at every page: each page's keys and values are requested while the
-  // previous page is scored (the loads of a key were half the kernel's time without this).
-  auto prefetch_page = [&](int64_t pi) {
-    const int64_t keys = std::min<int64_t>(page, last_pos + 1 - pi * page);
-    const int64_t off = ((it.head * p.pages) + table[pi]) * page * d;
-    const char* kb = reinterpret_cast<const char*>(p.k + off);
-    const char* vb = reinterpret_cast<const char*>(p.v + off);
-    const int64_t bytes = keys * d * static_cast<int64_t>(sizeof(typename Pages::T));
-    for (int64_t b = 0; b < bytes; b += 64) {
-      __builtin_prefetch(kb + b);
-      __builtin_prefetch(vb + b);
-    }
-  };
-  prefetch_page(0);
   for (int64_t pi = 0; pi < n_pages; ++pi) {
-    if (pi + 1 < n_pages) prefetch_page(pi + 1);
     const int64_t base = pi * page;
     const int64_t n_keys = std::min<int64_t>(page, last_pos + 1 - base);
     const int64_t off = ((it.head * p.pages) + table[pi]) * page * d;

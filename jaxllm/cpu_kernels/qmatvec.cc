@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -127,24 +128,31 @@ void Block4(const Job& job, int64_t j, int64_t r0) {
   }
 }
 
-template <void (*B8)(const Job&, int64_t, int64_t), void (*B4)(const Job&, int64_t, int64_t),
-          void (*B2)(const Job&, int64_t, int64_t), void (*B1)(const Job&, int64_t, int64_t)>
-void BlockedRows(const Job& job, int64_t j0, int64_t j1) {
+// Output rows j0..j1 of `job`, the input rows in blocks of 8, 4, 2 and 1:
+// block(std::integral_constant<int, RB>, j, r0) does RB rows from r0.
+template <typename J, typename Block>
+void BlockedRows(const J& job, int64_t j0, int64_t j1, Block block) {
   for (int64_t j = j0; j < j1; ++j) {
     int64_t r = 0;
-    for (; r + 8 <= job.rows; r += 8) B8(job, j, r);
-    if (r + 4 <= job.rows) B4(job, j, r), r += 4;
-    if (r + 2 <= job.rows) B2(job, j, r), r += 2;
-    if (r < job.rows) B1(job, j, r);
+    for (; r + kRowBlock <= job.rows; r += kRowBlock) {
+      block(std::integral_constant<int, kRowBlock>{}, j, r);
+    }
+    if (r + 4 <= job.rows) block(std::integral_constant<int, 4>{}, j, r), r += 4;
+    if (r + 2 <= job.rows) block(std::integral_constant<int, 2>{}, j, r), r += 2;
+    if (r < job.rows) block(std::integral_constant<int, 1>{}, j, r);
   }
 }
 
 void Rows8(const Job& job, int64_t j0, int64_t j1) {
-  BlockedRows<Block8<kRowBlock>, Block8<4>, Block8<2>, Block8<1>>(job, j0, j1);
+  BlockedRows(job, j0, j1, [&job](auto rb, int64_t j, int64_t r) {
+    Block8<decltype(rb)::value>(job, j, r);
+  });
 }
 
 void Rows4(const Job& job, int64_t j0, int64_t j1) {
-  BlockedRows<Block4<kRowBlock>, Block4<4>, Block4<2>, Block4<1>>(job, j0, j1);
+  BlockedRows(job, j0, j1, [&job](auto rb, int64_t j, int64_t r) {
+    Block4<decltype(rb)::value>(job, j, r);
+  });
 }
 
 // int8 x int8 -> int32. AVX512-VNNI's vpdpbusd multiplies unsigned by signed bytes, so the
@@ -155,6 +163,20 @@ struct DotJob {
   int32_t* y;
   int64_t rows, k, n;
 };
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// One 64-byte run of W (w) against the same run of RB activation rows (x, rows k apart):
+// acc[r] += (x_r + 128) . w per lane, wsum += sum(w) per lane.
+template <int RB>
+inline void DotChunk(const int8_t* w, const int8_t* x, int64_t k, __m512i* acc, __m512i* wsum) {
+  const __m512i wv = _mm512_loadu_si512(w);
+  *wsum = _mm512_dpbusd_epi32(*wsum, _mm512_set1_epi8(1), wv);
+  for (int r = 0; r < RB; ++r) {
+    const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(x + r * k), _mm512_set1_epi8(-128));
+    acc[r] = _mm512_dpbusd_epi32(acc[r], xu, wv);
+  }
+}
+#endif
 
 template <int RB>
 void DotBlock(const DotJob& job, int64_t j, int64_t r0) {
@@ -167,15 +189,7 @@ void DotBlock(const DotJob& job, int64_t j, int64_t r0) {
   __m512i acc[RB];
   for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_si512();
   __m512i wsum = _mm512_setzero_si512();
-  const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8(-128);
-  for (; i + 64 <= k; i += 64) {
-    const __m512i w = _mm512_loadu_si512(wj + i);
-    wsum = _mm512_dpbusd_epi32(wsum, ones, w);
-    for (int r = 0; r < RB; ++r) {
-      const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(x0 + r * k + i), flip);
-      acc[r] = _mm512_dpbusd_epi32(acc[r], xu, w);
-    }
-  }
+  for (; i + 64 <= k; i += 64) DotChunk<RB>(wj + i, x0 + i, k, acc, &wsum);
   const int32_t offset = 128 * _mm512_reduce_add_epi32(wsum);
   for (int r = 0; r < RB; ++r) tail[r] = _mm512_reduce_add_epi32(acc[r]) - offset;
 #endif
@@ -187,13 +201,9 @@ void DotBlock(const DotJob& job, int64_t j, int64_t r0) {
 }
 
 void DotRows(const DotJob& job, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    int64_t r = 0;
-    for (; r + 8 <= job.rows; r += 8) DotBlock<8>(job, j, r);
-    if (r + 4 <= job.rows) DotBlock<4>(job, j, r), r += 4;
-    if (r + 2 <= job.rows) DotBlock<2>(job, j, r), r += 2;
-    if (r < job.rows) DotBlock<1>(job, j, r);
-  }
+  BlockedRows(job, j0, j1, [&job](auto rb, int64_t j, int64_t r) {
+    DotBlock<decltype(rb)::value>(job, j, r);
+  });
 }
 
 // Per-group activation scales: each group's exact int32 lanes are converted to float and
@@ -217,18 +227,12 @@ void GroupDotBlock(const GroupDotJob& job, int64_t j, int64_t r0) {
   if (g % 64 == 0) {
     __m512 acc[RB];
     for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
-    const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8(-128);
     for (int64_t gi = 0; gi < job.groups; ++gi) {
       __m512i lanes[RB];
       for (int r = 0; r < RB; ++r) lanes[r] = _mm512_setzero_si512();
       __m512i wsum = _mm512_setzero_si512();
       for (int64_t i = gi * g; i < (gi + 1) * g; i += 64) {
-        const __m512i w = _mm512_loadu_si512(wj + i);
-        wsum = _mm512_dpbusd_epi32(wsum, ones, w);
-        for (int r = 0; r < RB; ++r) {
-          const __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(x0 + r * k + i), flip);
-          lanes[r] = _mm512_dpbusd_epi32(lanes[r], xu, w);
-        }
+        DotChunk<RB>(wj + i, x0 + i, k, lanes, &wsum);
       }
       const __m512i offset = _mm512_slli_epi32(wsum, 7);  // 128 * sum(w), per lane
       for (int r = 0; r < RB; ++r) {
@@ -253,16 +257,14 @@ void GroupDotBlock(const GroupDotJob& job, int64_t j, int64_t r0) {
 }
 
 void GroupDotRows(const GroupDotJob& job, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; ++j) {
-    int64_t r = 0;
-    for (; r + 8 <= job.rows; r += 8) GroupDotBlock<8>(job, j, r);
-    if (r + 4 <= job.rows) GroupDotBlock<4>(job, j, r), r += 4;
-    if (r + 2 <= job.rows) GroupDotBlock<2>(job, j, r), r += 2;
-    if (r < job.rows) GroupDotBlock<1>(job, j, r);
-  }
+  BlockedRows(job, j0, j1, [&job](auto rb, int64_t j, int64_t r) {
+    GroupDotBlock<decltype(rb)::value>(job, j, r);
+  });
 }
 
-void Run(const Job& job, void (*rows)(const Job&, int64_t, int64_t)) {
+// Output rows split across the pool's threads (one thread for small products).
+template <typename J>
+void Run(const J& job, void (*rows)(const J&, int64_t, int64_t)) {
   if (job.n * job.k < kMinParallelElements) {
     rows(job, 0, job.n);
     return;
@@ -309,15 +311,7 @@ ffi::Error QMatVec4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer
 ffi::Error Int8Dot(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y) {
   const int64_t n = w.dimensions()[0], k = w.dimensions()[1];
   const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
-  const DotJob job{x.typed_data(), w.typed_data(), y->typed_data(), rows, k, n};
-  if (n * k < kMinParallelElements) {
-    DotRows(job, 0, n);
-  } else {
-    const JaxllmPool::Task task = [&job](int share, int shares) {
-      DotRows(job, job.n * share / shares, job.n * (share + 1) / shares);
-    };
-    JaxllmGetPool().Run(task);
-  }
+  Run(DotJob{x.typed_data(), w.typed_data(), y->typed_data(), rows, k, n}, DotRows);
   return ffi::Error::Success();
 }
 
@@ -329,16 +323,9 @@ ffi::Error Int8GroupDot(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> xs,
   if (groups <= 0 || k % groups != 0) {
     return ffi::Error::InvalidArgument("JaxllmInt8GroupDot: groups must divide K");
   }
-  const GroupDotJob job{x.typed_data(), xs.typed_data(), w.typed_data(), y->typed_data(),
-                        rows, k, n, groups};
-  if (n * k < kMinParallelElements) {
-    GroupDotRows(job, 0, n);
-  } else {
-    const JaxllmPool::Task task = [&job](int share, int shares) {
-      GroupDotRows(job, job.n * share / shares, job.n * (share + 1) / shares);
-    };
-    JaxllmGetPool().Run(task);
-  }
+  Run(GroupDotJob{x.typed_data(), xs.typed_data(), w.typed_data(), y->typed_data(), rows, k, n,
+                  groups},
+      GroupDotRows);
   return ffi::Error::Success();
 }
 

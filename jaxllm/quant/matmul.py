@@ -27,6 +27,13 @@ from jaxllm.quant.int8_kernel import int8_kernel_qlinear, uses_int8_kernel
 from jaxllm.quant.qtensor import QuantizedWeight, dequantize, group_params
 
 
+def _native_int8_rows(rows: int) -> bool:
+    """Whether w8a8's int8 x int8 product of `rows` rows goes to `qmatvec.cc`'s VNNI kernels:
+    few rows (decode), on CPU, where the kernels are built."""
+    on_cpu = jax.default_backend() == "cpu"
+    return rows <= cpu_kernels.MAX_ROWS and on_cpu and cpu_kernels.available()
+
+
 def grouped_int8_matmul(x: jax.Array, w: QuantizedWeight, group: int) -> jax.Array:
     """Dynamic int8 activations with one scale per token per `group` inputs, times per-channel
     int8 weights: int8 x int8 -> int32 per group (a batched dot over the groups), then each
@@ -35,8 +42,7 @@ def grouped_int8_matmul(x: jax.Array, w: QuantizedWeight, group: int) -> jax.Arr
     ng = n_in // group
     xq, xs = quantize_rows(x.reshape(-1, ng, group))  # [R, N, g], [R, N, 1]
     rows = xq.shape[0]
-    if rows <= cpu_kernels.MAX_ROWS and jax.default_backend() == "cpu" and cpu_kernels.available():
-        # decode: the native VNNI kernel (exact int32 per group, scaled once per group)
+    if _native_int8_rows(rows):  # decode: exact int32 per group, scaled once per group
         out = jax.ShapeDtypeStruct((rows, w.shape[0]), jnp.float32)
         y = jax.ffi.ffi_call("JaxllmInt8GroupDot", out, vmap_method="sequential")(
             xq.reshape(rows, n_in), xs.reshape(rows, ng), w.values
@@ -62,8 +68,7 @@ def int8_matmul(xq: jax.Array, wq: jax.Array) -> jax.Array:
     """int8 [..., I] x int8 [O, I] -> int32 [..., O]. On CPU, few rows (decode) go to the
     native VNNI kernel (`qmatvec.cc`'s JaxllmInt8Dot: the same exact integers; XLA:CPU's
     int8 dot runs far below the float32 rate at few rows)."""
-    rows = math.prod(xq.shape[:-1])
-    if rows <= cpu_kernels.MAX_ROWS and jax.default_backend() == "cpu" and cpu_kernels.available():
+    if _native_int8_rows(math.prod(xq.shape[:-1])):
         out = jax.ShapeDtypeStruct(xq.shape[:-1] + (wq.shape[0],), jnp.int32)
         return jax.ffi.ffi_call("JaxllmInt8Dot", out, vmap_method="sequential")(xq, wq)
     dims = (((xq.ndim - 1,), (1,)), ((), ()))
