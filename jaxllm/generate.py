@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.errors import JaxLLMError
+from jaxllm.keyed_jit import KeyedJit
 from jaxllm.model import Transformer, default_cache_dtype, init_cache
 from jaxllm.sampling import SamplingArrays, SamplingParams, sample
 
@@ -168,9 +169,9 @@ def forward_impl(programs: GeneratorPrograms, state, tokens):
 def programs_for(programs: GeneratorPrograms) -> tuple[Callable, Callable, Callable]:
     """The jitted (prefill, decode, forward) of `programs`, one set per equal value."""
     return (
-        jax.jit(programs.prefill, static_argnums=(4,)),
-        jax.jit(programs.decode, donate_argnums=(1,)),
-        jax.jit(programs.forward),
+        KeyedJit(programs.prefill, static_argnums=(4,)),
+        KeyedJit(programs.decode, donate_argnums=(1,)),
+        KeyedJit(programs.forward),
     )
 
 

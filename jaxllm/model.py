@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.cpu_kernels import linear
+from jaxllm.quant import fused
 from jaxllm.quant import kv as kvq
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: k, v each [B, K, S, D]
@@ -169,10 +170,16 @@ class Attention(nnx.Module):
         kv: tuple[jax.Array, jax.Array] | None,
         cache_index: jax.Array | None,
         attention_fn: AttentionFn,
+        norm: RMSNorm | None = None,
+        residual: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x [B, T, E] -> ([B, T, E], new (k, v)). With `norm`, x is normalised first; with
+        `residual`, it is added to the output (both fused into the products where the int8
+        GEMV runs them: jaxllm/quant/fused.py)."""
         b, t, _ = x.shape
         k_, g, d = self.kv_heads, self.group, self.head_dim
-        qkv = self.qkv(x).reshape(b, t, k_, g + 2, d)
+        qkv = self.qkv(x) if norm is None else fused.norm_linear(norm, self.qkv, x)
+        qkv = qkv.reshape(b, t, k_, g + 2, d)
         q = apply_rope(qkv[:, :, :, :g], positions, inv_freq)  # [B, T, K, G, D]
         # K/V are kept head-major, [B, K, S, D]: the layout the score and value dots read,
         # so no per-step transpose of the whole cache.
@@ -185,7 +192,10 @@ class Attention(nnx.Module):
         q_offset = 0 if cache_index is None else cache_index
         k_in, v_in = kvq.read_kv(k, q.dtype), kvq.read_kv(v, q.dtype)
         out = attention_fn(q, k_in, v_in, mask, sm_scale=d**-0.5, q_offset=q_offset)
-        return self.o(out.reshape(b, t, k_ * g * d)), (k, v)
+        out = out.reshape(b, t, k_ * g * d)
+        if residual is None:
+            return self.o(out), (k, v)
+        return fused.linear_residual(self.o, out, residual), (k, v)
 
     def paged(
         self,
@@ -228,13 +238,24 @@ class MLP(nnx.Module):
         self.gate_up = Linear(gate_up, dtype=dtype)
         self.down = Linear(p["w_down"], dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.gate_up(x)
+    def __call__(
+        self, x: jax.Array, norm: RMSNorm | None = None, residual: jax.Array | None = None
+    ) -> jax.Array:
+        """x [..., E] -> [..., E]; `norm`, `residual` as in `Attention.__call__`."""
         if self.shards == 1:
-            return self.down(jax.nn.silu(h[..., : self.width]) * h[..., self.width :])
-        h = h.reshape(*h.shape[:-1], self.shards, 2, self.width // self.shards)
-        gate, up = (h[..., i, :].reshape(*h.shape[:-3], self.width) for i in (0, 1))
-        return self.down(jax.nn.silu(gate) * up)
+            if norm is None:
+                h = self.gate_up(x)
+                act = jax.nn.silu(h[..., : self.width]) * h[..., self.width :]
+            else:
+                act = fused.norm_swiglu(norm, self.gate_up, x)
+        else:
+            h = self.gate_up(x if norm is None else norm(x))
+            h = h.reshape(*h.shape[:-1], self.shards, 2, self.width // self.shards)
+            gate, up = (h[..., i, :].reshape(*h.shape[:-3], self.width) for i in (0, 1))
+            act = jax.nn.silu(gate) * up
+        if residual is None:
+            return self.down(act)
+        return fused.linear_residual(self.down, act, residual)
 
 
 class Block(nnx.Module):
@@ -255,11 +276,10 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x[None]))[0], pages
 
     def __call__(self, x, positions, inv_freq, mask, kv, cache_index, attention_fn):
-        h, kv = self.attn(
-            self.attn_norm(x), positions, inv_freq, mask, kv, cache_index, attention_fn
+        x, kv = self.attn(
+            x, positions, inv_freq, mask, kv, cache_index, attention_fn, self.attn_norm, x
         )
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), kv
+        return self.mlp(x, self.mlp_norm, x), kv
 
 
 class Transformer(nnx.Module):

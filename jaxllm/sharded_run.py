@@ -29,6 +29,7 @@ from jaxllm import cpu_kernels
 from jaxllm.config import ModelConfig
 from jaxllm.errors import JaxLLMError
 from jaxllm.generate import Generator, GeneratorPrograms
+from jaxllm.keyed_jit import KeyedJit
 from jaxllm.model import Transformer, init_cache
 from jaxllm.parallel import (
     CACHE_AXES,
@@ -267,7 +268,7 @@ def _sharded_engine_programs(graphdef, mesh: Mesh, page_leaves: tuple, page_tree
             pages, sampled = impl(state, pages, *rest, **static)
         return pages, jax.lax.with_sharding_constraint(sampled, whole)
 
-    step_jit = jax.jit(
+    step_jit = KeyedJit(
         step,
         donate_argnums=(1,),
         static_argnames=("logprobs_k", "prompt_k", "penalties"),

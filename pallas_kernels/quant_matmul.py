@@ -52,12 +52,6 @@ class GemvConfig:
     chunk_reduce: bool = False
 
 
-def int8_matmul_reference(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
-    """The oracle: x [M, I] @ (scale [O] * codes [O, I])^T in float32 -> [M, O] in x's dtype."""
-    acc = jnp.dot(x.astype(jnp.float32), codes.astype(jnp.float32).T)
-    return (acc * scale.reshape(1, -1).astype(jnp.float32)).astype(x.dtype)
-
-
 def fit_block(n: int, want: int, minimum: int = MIN_BLOCK) -> int:
     """The largest power of two <= `want` that divides n, or 0 when it is under `minimum`."""
     b = 1 << max(0, want.bit_length() - 1)
@@ -118,11 +112,58 @@ def default_splits(n_out_tiles: int, n_chunks: int) -> int:
     return splits
 
 
+@dataclasses.dataclass(frozen=True)
+class Fusion:
+    """Work done inside the GEMV's launch instead of in kernels of its own (each a launch and
+    a round trip of the activations through memory, which at batch 1 costs about as long as
+    a small GEMV).
+
+    `norm_eps`: x is RMS-normalised per row first (the norm weight is an input), rounded to
+    x's dtype as the model's `RMSNorm` rounds. `swiglu`: codes [2H, I] hold the gate rows then
+    the up rows and the result is silu(gate) * up, [M, H]. `residual`: a [M, O] input is
+    added to the result."""
+
+    norm_eps: float | None = None
+    swiglu: bool = False
+    residual: bool = False
+
+
+def int8_matmul_reference(
+    x: jax.Array,
+    codes: jax.Array,
+    scale: jax.Array,
+    *,
+    norm_weight: jax.Array | None = None,
+    norm_eps: float = 1e-6,
+    swiglu: bool = False,
+    residual: jax.Array | None = None,
+) -> jax.Array:
+    """The oracle: x [M, I] @ (scale [O] * codes [O, I])^T in float32 -> [M, O] in x's dtype,
+    with the optional fused work done as the model's own layers do it, one op at a time."""
+    dt = x.dtype
+    if norm_weight is not None:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + norm_eps)
+        x = norm_weight.astype(dt) * x32.astype(dt)
+    acc = jnp.dot(x.astype(jnp.float32), codes.astype(jnp.float32).T)
+    y = (acc * scale.reshape(1, -1).astype(jnp.float32)).astype(dt)
+    if swiglu:
+        h = y.shape[-1] // 2
+        y = jax.nn.silu(y[:, :h]) * y[:, h:]
+    if residual is not None:
+        y = residual.astype(dt) + y
+    return y
+
+
 def int8_matmul(
     x: jax.Array,
     codes: jax.Array,
     scale: jax.Array,
     *,
+    norm_weight: jax.Array | None = None,
+    norm_eps: float = 1e-6,
+    swiglu: bool = False,
+    residual: jax.Array | None = None,
     config: GemvConfig | None = None,
     interpret: bool | None = None,
     **overrides,
@@ -130,12 +171,15 @@ def int8_matmul(
     """x [M, I] (float) times int8 codes [O, I] with per-channel scale [O] or [O, 1].
 
     Args:
+      norm_weight: [I]: RMS-normalise x (epsilon `norm_eps`) and scale by this first.
+      swiglu: codes are [gate; up] rows, [2H, I]: return silu(gate) * up, [M, H].
+      residual: [M, O] (or [M, H]) added to the result.
       config: the launch (default: `default_config` for these shapes).
       interpret: run the Pallas interpreter; default: on CPU.
       overrides: fields of GemvConfig replacing the config's (block_o=16, num_splits=2, ...).
 
     Returns:
-      [M, O] in x's dtype.
+      [M, O] (swiglu: [M, O / 2]) in x's dtype.
     """
     m, n_in = x.shape
     n_out = codes.shape[0]
@@ -146,11 +190,23 @@ def int8_matmul(
         raise ValueError(f"int8_matmul: scale must have O={n_out} entries, got {scale.shape}")
     if not 0 < m <= MAX_ROWS:
         raise ValueError(f"int8_matmul: x has {m} rows; the kernel takes 1 to {MAX_ROWS}")
+    if norm_weight is not None and norm_weight.size != n_in:
+        raise ValueError(f"int8_matmul: norm_weight must have I={n_in} entries, "
+                         f"got {norm_weight.shape}")  # fmt: skip
+    if swiglu and n_out % 2:
+        raise ValueError(f"int8_matmul: swiglu needs an even number of rows, got O={n_out}")
+    width = n_out // 2 if swiglu else n_out
+    if residual is not None and residual.shape != (m, width):
+        raise ValueError(f"int8_matmul: residual must be [{m}, {width}], got {residual.shape}")
+    fused = norm_weight is not None or swiglu or residual is not None
     cfg = dataclasses.replace(config or default_config(m, n_out, n_in), **overrides)
+    if fused:  # the epilogue needs whole sums in one program
+        cfg = dataclasses.replace(cfg, num_splits=1)
     min_o = MIN_ROW_BLOCK if m == 1 else MIN_BLOCK
-    bo = fit_block(n_out, cfg.block_o, min_o)
+    bo = fit_block(width, cfg.block_o, min_o)
     if not bo:
-        raise ValueError(f"int8_matmul: no block of {min_o}..{cfg.block_o} divides O={n_out}")
+        half = f" (half of {n_out} gate/up rows)" if swiglu else ""
+        raise ValueError(f"int8_matmul: no block of {min_o}..{cfg.block_o} divides O={width}{half}")
     if not fit_block(n_in, cfg.block_k):
         raise ValueError(f"int8_matmul: no block of {MIN_BLOCK}..{cfg.block_k} divides I={n_in}")
     num_splits = cfg.num_splits
@@ -163,69 +219,128 @@ def int8_matmul(
                          f"multiples of {MIN_BLOCK}")  # fmt: skip
     _, interpret = resolve_platform("gpu", interpret)
     rows = 1 if m == 1 else max(MIN_BLOCK, next_pow2(m))
-    xp = x if rows == m else jnp.pad(x, ((0, rows - m), (0, 0)))
+
+    def pad(a):
+        return a if rows == m else jnp.pad(a, ((0, rows - m), (0, 0)))
+
+    fusion = Fusion(
+        norm_eps=float(norm_eps) if norm_weight is not None else None,
+        swiglu=swiglu,
+        residual=residual is not None,
+    )
+    extra = []
+    if norm_weight is not None:
+        extra.append(norm_weight.reshape(1, n_in))
+    if residual is not None:
+        extra.append(pad(residual.astype(x.dtype)))
     launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce)
-    out = _int8_matmul_call(xp, codes, scale.reshape(1, n_out), launch, interpret)
+    out = _int8_matmul_call(
+        pad(x), codes, scale.reshape(1, n_out), tuple(extra), launch, fusion, interpret
+    )
     if num_splits > 1:
         out = jnp.sum(out, axis=0)
     return out[:m].astype(x.dtype)
 
 
-def _kernel(x_ref, q_ref, s_ref, o_ref, *, block_k: int, chunks: int, chunk_reduce: bool):
-    """x_ref [rows, split], q_ref [bo, split], s_ref [1, bo] -> o_ref [rows, bo]."""
+def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion):
+    """x_ref [rows, split], (norm_ref [1, I]), q_ref [bo, split], s_ref [1, bo], (swiglu:
+    the up rows' q and s), (res_ref [rows, bo]) -> o_ref [rows, bo]."""
+    it = iter(refs)
+    x_ref = next(it)
+    norm_ref = next(it) if fusion.norm_eps is not None else None
+    q_refs = [next(it)]
+    s_refs = [next(it)]
+    if fusion.swiglu:
+        q_refs.append(next(it))
+        s_refs.append(next(it))
+    res_ref = next(it) if fusion.residual else None
+    o_ref = next(it)
     rows = x_ref.shape[0]
-    bo = q_ref.shape[0]
+    bo = q_refs[0].shape[0]
     one_row = rows == 1
+    dt = x_ref.dtype
+    f32 = jnp.float32
 
-    def body(c, acc):
+    if norm_ref is not None:  # the row's RMS, over the whole row, before any chunk
+        whole = x_ref[...].astype(f32)
+        inv_rms = lax.rsqrt(jnp.sum(whole * whole, axis=1, keepdims=True) / whole.shape[1]
+                            + fusion.norm_eps)  # fmt: skip
+
+    def body(c, accs):
         k = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
         x = x_ref[:, k]  # [rows, bk]
-        q = q_ref[:, k]  # [bo, bk] int8
+        if norm_ref is not None:  # rounded where RMSNorm rounds: after the RMS, after the weight
+            x = (x.astype(f32) * inv_rms).astype(dt)
+            x = (norm_ref[:, k].astype(f32) * x.astype(f32)).astype(dt)
+        out = []
+        for q_ref, acc in zip(q_refs, accs, strict=True):
+            q = q_ref[:, k]  # [bo, bk] int8
+            if one_row:
+                prod = q.astype(f32) * x.astype(f32)
+                out.append(acc + (jnp.sum(prod, axis=1) if chunk_reduce else prod))
+            else:
+                dims = (((1,), (1,)), ((), ()))
+                out.append(acc + lax.dot_general(x, q.astype(dt), dims, preferred_element_type=f32))
+        return tuple(out)
+
+    if one_row:
+        init = jnp.zeros((bo,) if chunk_reduce else (bo, block_k), f32)
+    else:
+        init = jnp.zeros((rows, bo), f32)
+    accs = lax.fori_loop(0, chunks, body, tuple(init for _ in q_refs))
+    ys = []
+    for acc, s_ref in zip(accs, s_refs, strict=True):
         if one_row:
-            prod = q.astype(jnp.float32) * x.astype(jnp.float32)
-            return acc + (jnp.sum(prod, axis=1) if chunk_reduce else prod)
-        w = q.astype(x.dtype)
-        dims = (((1,), (1,)), ((), ()))
-        return acc + lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
-
-    if one_row:
-        init = jnp.zeros((bo,) if chunk_reduce else (bo, block_k), jnp.float32)
-    else:
-        init = jnp.zeros((rows, bo), jnp.float32)
-    acc = lax.fori_loop(0, chunks, body, init)
-    if one_row:
-        y = (acc if chunk_reduce else jnp.sum(acc, axis=1))[None, :]
-    else:
-        y = acc
-    o_ref[...] = (y * s_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
+            acc = (acc if chunk_reduce else jnp.sum(acc, axis=1))[None, :]
+        ys.append(acc * s_ref[...].astype(f32))
+    y = ys[0]
+    if fusion.swiglu:  # each rounded to dt, as the unfused product's outputs are
+        g = y.astype(dt).astype(f32)
+        u = ys[1].astype(dt).astype(f32)
+        y = (g / (1.0 + jnp.exp(-g))).astype(dt).astype(f32) * u
+    if res_ref is not None:
+        y = res_ref[...].astype(f32) + y.astype(dt).astype(f32)
+    o_ref[...] = y.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _int8_matmul_call(x, codes, scale, launch, interpret):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
     bo, bk, splits, num_warps, num_stages, chunk_reduce = launch
     rows, n_in = x.shape
-    n_out = codes.shape[0]
+    width = codes.shape[0] // 2 if fusion.swiglu else codes.shape[0]
     split_len = n_in // splits
     kernel = functools.partial(
-        _kernel, block_k=bk, chunks=split_len // bk, chunk_reduce=chunk_reduce
+        _kernel, block_k=bk, chunks=split_len // bk, chunk_reduce=chunk_reduce, fusion=fusion
     )
     if splits == 1:
-        out_shape = jax.ShapeDtypeStruct((rows, n_out), x.dtype)
+        out_shape = jax.ShapeDtypeStruct((rows, width), x.dtype)
         out_spec = pl.BlockSpec((rows, bo), lambda j, s: (0, j))
     else:  # float32 partials [splits, rows, O], summed by the caller
-        out_shape = jax.ShapeDtypeStruct((splits, rows, n_out), jnp.float32)
+        out_shape = jax.ShapeDtypeStruct((splits, rows, width), jnp.float32)
         out_spec = pl.BlockSpec((None, rows, bo), lambda j, s: (s, 0, j))
+    args = [x]
+    specs = [pl.BlockSpec((rows, split_len), lambda j, s: (0, s))]
+    extra = list(extra)
+    if fusion.norm_eps is not None:
+        args.append(extra.pop(0))
+        specs.append(pl.BlockSpec((1, n_in), lambda j, s: (0, 0)))
+    up = width // bo  # swiglu: the up rows' block offset
+    for offset in (0, up) if fusion.swiglu else (0,):
+        args += [codes, scale]
+        specs += [
+            pl.BlockSpec((bo, split_len), lambda j, s, o=offset: (j + o, s)),
+            pl.BlockSpec((1, bo), lambda j, s, o=offset: (0, j + o)),
+        ]
+    if fusion.residual:
+        args.append(extra.pop(0))
+        specs.append(pl.BlockSpec((rows, bo), lambda j, s: (0, j)))
     return pl.pallas_call(
         kernel,
-        grid=(cdiv(n_out, bo), splits),
-        in_specs=[
-            pl.BlockSpec((rows, split_len), lambda j, s: (0, s)),
-            pl.BlockSpec((bo, split_len), lambda j, s: (j, s)),
-            pl.BlockSpec((1, bo), lambda j, s: (0, j)),
-        ],
+        grid=(cdiv(width, bo), splits),
+        in_specs=specs,
         out_specs=out_spec,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=None if interpret else gpu_compiler_params(num_warps, num_stages),
         name="int8_matmul",
-    )(x, codes, scale)
+    )(*args)

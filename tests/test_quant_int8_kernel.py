@@ -62,6 +62,63 @@ def test_int8_matmul_matches_reference_and_dequantized_float(m, o, i, dtype, kw)
     assert rel_err(got, dequantized) <= REL_TOL[dtype]
 
 
+@pytest.mark.parametrize(
+    "m,dtype,fusion,kw",
+    [
+        (1, jnp.float32, "norm", {}),
+        (1, jnp.bfloat16, "norm", dict(block_o=4, block_k=64)),
+        (3, jnp.bfloat16, "norm", {}),
+        (1, jnp.float32, "swiglu", {}),
+        (1, jnp.bfloat16, "swiglu", dict(block_o=8, block_k=128, chunk_reduce=False)),
+        (5, jnp.float32, "swiglu", {}),
+        (1, jnp.bfloat16, "residual", {}),
+        (4, jnp.float32, "residual", dict(num_splits=4)),  # fused work forces one split
+    ],
+)
+def test_fused_int8_matmul_matches_the_unfused_ops(m, dtype, fusion, kw):
+    """The norm prologue, SwiGLU and residual epilogues against the model's ops run one at a
+    time (`int8_matmul_reference`) and against the unfused kernel followed by those ops."""
+    o, i = (128, 256) if fusion == "swiglu" else (64, 256)
+    x, qw = case(m, o, i, dtype, seed=3)
+    key = jax.random.PRNGKey(7)
+    norm_w = (1.0 + 0.1 * jax.random.normal(key, (i,))).astype(dtype)
+    args = {}
+    if fusion in ("norm", "swiglu"):
+        args.update(norm_weight=norm_w, norm_eps=1e-5)
+    if fusion == "swiglu":
+        args.update(swiglu=True)
+    if fusion == "residual":
+        args.update(residual=jax.random.normal(key, (m, o)).astype(dtype))
+    got = int8_matmul(x, qw.values, qw.scale, interpret=True, **args, **kw)
+    want = int8_matmul_reference(x, qw.values, qw.scale, **args)
+    width = o // 2 if fusion == "swiglu" else o
+    assert got.shape == (m, width) and got.dtype == x.dtype
+    assert rel_err(got, want) <= 2 * REL_TOL[dtype]  # rounding of the fused input, then output
+    # Unfused: the norm by hand, the kernel, then the epilogue by hand.
+    xin = x
+    if "norm_weight" in args:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5)
+        xin = norm_w * x32.astype(dtype)
+    y = int8_matmul(xin, qw.values, qw.scale, interpret=True)
+    if fusion == "swiglu":
+        y = jax.nn.silu(y[:, :width]) * y[:, width:]
+    if fusion == "residual":
+        y = args["residual"] + y
+    assert rel_err(got, y) <= 2 * REL_TOL[dtype]
+
+
+def test_fused_int8_matmul_rejects_bad_fused_inputs():
+    x, qw = case(2, 64, 128, jnp.float32)
+    with pytest.raises(ValueError, match="norm_weight must have I=128"):
+        int8_matmul(x, qw.values, qw.scale, norm_weight=jnp.ones(64), interpret=True)
+    with pytest.raises(ValueError, match=r"residual must be \[2, 32\]"):
+        int8_matmul(x, qw.values, qw.scale, swiglu=True, residual=jnp.ones((2, 64)))
+    x, qw = case(1, 36, 128, jnp.float32)
+    with pytest.raises(ValueError, match="O=18 .half of 36 gate/up rows"):
+        int8_matmul(x, qw.values, qw.scale, swiglu=True, interpret=True)
+
+
 def test_int8_matmul_rejects_shapes_it_cannot_tile():
     x, qw = case(1, 42, 64, jnp.float32)  # one row: 42 has no power-of-two divisor >= 4
     with pytest.raises(ValueError, match="O=42"):
@@ -104,3 +161,24 @@ def test_int8_model_decodes_the_same_through_the_kernel():
             runs[mode] = (gen.generate(prompts, sp)[0].token_ids, gen.logits(prompts[0]))
     assert runs["always"][0] == runs["never"][0]
     assert rel_err(runs["always"][1], runs["never"][1]) <= 1e-5
+
+
+def test_a_shared_program_follows_the_kernel_mode_it_is_called_under():
+    """Generators of one structure share their programs (generate.programs_for), yet a
+    generator run under another kernel mode or fusion setting must trace anew: the lowered
+    decode step holds the Pallas GEMV (fused or not) exactly when the mode says so."""
+    from jaxllm.quant.int8_kernel import int8_fusion
+
+    cfg = ModelConfig.from_yaml("tiny")
+    net = quantize_model(Transformer(cfg, random_params(cfg, scale=0.1)), "int8")
+    gen = Generator(net)
+    tokens = jnp.asarray([[5]], jnp.int32)
+    texts = {}
+    for name, mode, fuse in (("never", "never", True), ("fused", "always", True),
+                             ("unfused", "always", False), ("never2", "never", True)):  # fmt: skip
+        with int8_kernel_mode(mode), int8_fusion(fuse):
+            texts[name] = gen._forward.lower(gen.state, tokens).as_text(debug_info=True)
+    assert "int8_matmul" not in texts["never"] and texts["never2"] == texts["never"]
+    assert "int8_matmul" in texts["fused"] and "int8_matmul" in texts["unfused"]
+    # Unfused, each norm is its own rsqrt in the program; fused, the kernels compute them.
+    assert texts["unfused"].count("rsqrt") > texts["fused"].count("rsqrt")

@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxllm.attention import paged_reads_split
 from jaxllm.engine.scheduler import SchedulerOutput
+from jaxllm.keyed_jit import KeyedJit
 from jaxllm.model import PagedMeta, Transformer, default_cache_dtype, init_pages
 from jaxllm.quant.kv import kv_bytes_per_element
 from jaxllm.quant.kv_bits import page_storage
@@ -97,7 +98,7 @@ def _step_program(graphdef) -> Callable:
     """One jitted step per model structure, shared by every runner of that model: a second
     engine on the same model (a new pool, a benchmark's timed run after its warm-up) reuses
     the programs the first compiled instead of compiling each bucket again."""
-    return jax.jit(
+    return KeyedJit(
         functools.partial(step_impl, graphdef),
         donate_argnums=(1,),
         static_argnames=("logprobs_k", "prompt_k", "penalties"),

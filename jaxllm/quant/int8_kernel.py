@@ -9,6 +9,10 @@ builds (jits) its generator under each mode:
     with int8_kernel_mode("never"):   # XLA: dequantize, then dot
         ...
 
+Programs shared between callers (the generator's, the engine's step) are jitted once per value
+of these settings (`trace_key`, jaxllm/keyed_jit.py), so a mode change is never hidden by a
+program compiled under another.
+
 Axes: leading batch axes ..., in I, out O.
 """
 
@@ -27,6 +31,31 @@ from pallas_kernels import quant_matmul
 MODES = ("auto", "always", "never")
 # auto: on GPU; always: on any backend (interpreted on CPU: for tests); never: XLA only.
 _mode = "auto"
+
+
+_fuse = True  # take the neighbouring norm / SwiGLU / residual add into the kernel (fused.py)
+
+
+def trace_key() -> tuple[str, bool]:
+    """The settings here that a traced program depends on (see jaxllm/keyed_jit.py)."""
+    return _mode, _fuse
+
+
+@contextlib.contextmanager
+def int8_fusion(enabled: bool) -> Iterator[None]:
+    """Fuse (default) or not the ops beside the kernel's products for everything traced inside
+    the block (jaxllm/quant/fused.py); off, a benchmark measures what fusion gains."""
+    global _fuse
+    before = _fuse
+    _fuse = bool(enabled)
+    try:
+        yield
+    finally:
+        _fuse = before
+
+
+def fusion_enabled() -> bool:
+    return _fuse
 
 
 def set_int8_kernel_mode(mode: str) -> None:

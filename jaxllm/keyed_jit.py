@@ -1,0 +1,53 @@
+"""A jitted function per value of the settings its trace reads.
+
+Some choices are made while a function is traced, from module state rather than from its
+arguments: whether a weight-only int8 product goes to the Pallas kernel and whether its
+neighbours are fused into it (`jaxllm.quant.int8_kernel.trace_key`). jit's cache keys on the
+function and its arguments only, so a program shared between callers (the generator's
+programs, the engine's step) would keep what it was first traced with. `KeyedJit` holds one
+`jax.jit` per value of those settings and picks it at call time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def trace_settings() -> tuple:
+    from jaxllm.quant.int8_kernel import trace_key
+
+    return trace_key()
+
+
+class KeyedJit:
+    """`jax.jit(fn, **jit_kwargs)`, once per value of `trace_settings()` when called."""
+
+    def __init__(self, fn: Callable, **jit_kwargs: Any):
+        self.fn = fn
+        self.jit_kwargs = jit_kwargs
+        self.jitted: dict[tuple, Callable] = {}
+
+    def current(self) -> Callable:
+        """The jitted function for the settings now."""
+        key = trace_settings()
+        f = self.jitted.get(key)
+        if f is None:
+            # A new function object per key: jax also caches traces by the function (by
+            # equality: the generator's bound methods of equal programs are equal), so
+            # jitting `self.fn` itself again would return the first trace.
+            def traced(*args: Any, **kwargs: Any) -> Any:
+                return self.fn(*args, **kwargs)
+
+            functools.update_wrapper(traced, self.fn)
+            f = self.jitted[key] = jax.jit(traced, **self.jit_kwargs)
+        return f
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current().lower(*args, **kwargs)
