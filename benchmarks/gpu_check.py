@@ -105,9 +105,9 @@ def decode_check(
     gen = Generator(net)
     prompts = [list(range(1, 129))] * batch
     p = [SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)] * batch
-    with int8_kernel_mode(mode):  # read while the generator's steps are traced
+    with int8_kernel_mode(mode):  # read when the steps are traced, and picks their program
         gen.generate(prompts, p)
-    gen.generate(prompts, p)
+        gen.generate(prompts, p)
     t = gen.last_timings
     return t.decode_steps * batch / t.decode_s, batch * 128 / t.prefill_s
 
