@@ -71,6 +71,10 @@ def einsum_only():
         _einsum_only.reset(token)
 
 
+def einsum_only_now() -> bool:
+    return _einsum_only.get()
+
+
 def _cpu_signature() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
