@@ -3,10 +3,10 @@
 Some choices are made while a function is traced, from module state rather than from its
 arguments: whether a weight-only int8 product goes to the Pallas kernel and whether its
 neighbours are fused into it (`jaxllm.quant.int8_kernel.trace_key`); whether the native CPU
-kernels are off (`cpu_kernels.einsum_only`). jit's cache keys on the
-function and its arguments only, so a program shared between callers (the generator's
-programs, the engine's step) would keep what it was first traced with. `KeyedJit` holds one
-`jax.jit` per value of those settings and picks it at call time.
+kernels are off (`cpu_kernels.einsum_only`). jit's cache keys on the function and its
+arguments only, so a program shared between callers (the generator's programs, the engine's
+step) would keep what it was first traced with. `KeyedJit` holds one `jax.jit` per value of
+those settings and picks it at call time.
 """
 
 from __future__ import annotations
@@ -25,6 +25,27 @@ def trace_settings() -> tuple:
     return (*trace_key(), cpu_kernels.einsum_only_now())
 
 
+class _Traced:
+    """fn under one value of the settings. Equal for equal (fn, settings): jax also caches
+    traces by the function, by equality, so equal programs (the generator's bound methods of
+    equal `GeneratorPrograms`) share traces under the same settings and only those."""
+
+    def __init__(self, fn: Callable, key: tuple):
+        functools.update_wrapper(self, fn)  # name (compile logs), signature (static args)
+        if not hasattr(self, "__name__"):  # a functools.partial: its function's name
+            self.__name__ = getattr(getattr(fn, "func", None), "__name__", "traced")
+        self.fn, self.key = fn, key
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Traced) and (self.fn, self.key) == (other.fn, other.key)
+
+    def __hash__(self) -> int:
+        return hash((self.fn, self.key))
+
+
 class KeyedJit:
     """`jax.jit(fn, **jit_kwargs)`, once per value of `trace_settings()` when called."""
 
@@ -38,14 +59,7 @@ class KeyedJit:
         key = trace_settings()
         f = self.jitted.get(key)
         if f is None:
-            # A new function object per key: jax also caches traces by the function (by
-            # equality: the generator's bound methods of equal programs are equal), so
-            # jitting `self.fn` itself again would return the first trace.
-            def traced(*args: Any, **kwargs: Any) -> Any:
-                return self.fn(*args, **kwargs)
-
-            functools.update_wrapper(traced, self.fn)
-            f = self.jitted[key] = jax.jit(traced, **self.jit_kwargs)
+            f = self.jitted[key] = jax.jit(_Traced(self.fn, key), **self.jit_kwargs)
         return f
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
