@@ -205,22 +205,29 @@ class Attention(nnx.Module):
         pages: tuple[jax.Array, jax.Array],
         meta: PagedMeta,
         paged_attention_fn: Callable[..., jax.Array],
+        norm: RMSNorm | None = None,
+        residual: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Packed tokens x [T, E] of many sequences over a paged cache.
+        """Packed tokens x [T, E] of many sequences over a paged cache; `norm`, `residual`
+        [T, E] as in `__call__`.
 
         pages: k, v [K, num_pages, page_size, D]. This step's K/V are written at
         `meta.slot_mapping` (flat page * page_size + offset; out-of-range = padding, dropped).
         """
         t = x.shape[0]
         k_, g, d = self.kv_heads, self.group, self.head_dim
-        qkv = self.qkv(x[None]).reshape(1, t, k_, g + 2, d)
+        qkv = self.qkv(x[None]) if norm is None else fused.norm_linear(norm, self.qkv, x[None])
+        qkv = qkv.reshape(1, t, k_, g + 2, d)
         q = apply_rope(qkv[:, :, :, :g], positions[None], inv_freq)[0]  # [T, K, G, D]
         k = apply_rope(qkv[:, :, :, g], positions[None], inv_freq)[0]  # [T, K, D]
         v = qkv[0, :, :, g + 1]
         kp = kvq.scatter_slots(pages[0], k.transpose(1, 0, 2), meta.slot_mapping)
         vp = kvq.scatter_slots(pages[1], v.transpose(1, 0, 2), meta.slot_mapping)
         out = paged_attention_fn(q.reshape(t, k_ * g, d), kp, vp, meta, sm_scale=d**-0.5)
-        return self.o(out.reshape(1, t, k_ * g * d))[0], (kp, vp)
+        out = out.reshape(1, t, k_ * g * d)
+        if residual is None:
+            return self.o(out)[0], (kp, vp)
+        return fused.linear_residual(self.o, out, residual[None])[0], (kp, vp)
 
 
 class MLP(nnx.Module):
@@ -269,11 +276,10 @@ class Block(nnx.Module):
         self.mlp = MLP(p, dtype=dtype, shards=mlp_shards)
 
     def paged(self, x, positions, inv_freq, pages, meta, paged_attention_fn):
-        h, pages = self.attn.paged(
-            self.attn_norm(x), positions, inv_freq, pages, meta, paged_attention_fn
+        x, pages = self.attn.paged(
+            x, positions, inv_freq, pages, meta, paged_attention_fn, self.attn_norm, x
         )
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x[None]))[0], pages
+        return self.mlp(x[None], self.mlp_norm, x[None])[0], pages
 
     def __call__(self, x, positions, inv_freq, mask, kv, cache_index, attention_fn):
         x, kv = self.attn(

@@ -182,3 +182,36 @@ def test_a_shared_program_follows_the_kernel_mode_it_is_called_under():
     assert "int8_matmul" in texts["fused"] and "int8_matmul" in texts["unfused"]
     # Unfused, each norm is its own rsqrt in the program; fused, the kernels compute them.
     assert texts["unfused"].count("rsqrt") > texts["fused"].count("rsqrt")
+
+
+def test_int8_engine_decodes_the_same_through_the_fused_kernel(monkeypatch):
+    """The engine's paged steps with the Pallas GEMV and its fusions (steps of <= 16 tokens:
+    chunked prefill of 16) give the XLA path's greedy tokens; the traced steps did call the
+    kernel with each fusion."""
+    from jaxllm.engine import EngineConfig, LLMEngine
+    from pallas_kernels import quant_matmul
+
+    seen = set()
+    real = quant_matmul.int8_matmul
+
+    def recording(*args, **kwargs):
+        seen.update(
+            k for k in ("norm_weight", "swiglu", "residual") if kwargs.get(k) not in (None, False)
+        )
+        seen.add("call")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quant_matmul, "int8_matmul", recording)
+
+    cfg = ModelConfig.from_yaml("tiny")
+    params = random_params(cfg, seed=5, scale=0.3)
+    prompts = [[int(t) for t in np.random.default_rng(1).integers(3, 250, n)] for n in (5, 21)]
+    sp = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)] * 2
+    config = EngineConfig(num_pages=32, page_size=8, max_num_batched_tokens=16)
+    runs = {}
+    for mode in ("never", "always"):
+        with int8_kernel_mode(mode):
+            engine = LLMEngine(quantize_model(Transformer(cfg, params), "int8"), config)
+            runs[mode] = [r.output for r in engine.run(prompts, sp)]
+    assert runs["always"] == runs["never"]
+    assert seen == {"call", "norm_weight", "swiglu", "residual"}
