@@ -40,10 +40,16 @@ def _call(x: jax.Array, w, **fusion) -> jax.Array:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def _norm_fits(norm: Any, x: jax.Array) -> bool:
+    """The kernel rounds the normalised x to x's dtype, as `RMSNorm` does when its weight
+    has that dtype (a wider weight would promote the product)."""
+    return norm.weight[...].dtype == x.dtype
+
+
 def norm_linear(norm: Any, lin: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     """lin(norm(x)) for an `RMSNorm` norm: x [..., I] -> [..., O]."""
     w = _kernel_weight(lin, x)
-    if w is None:
+    if w is None or not _norm_fits(norm, x):
         return lin(norm(x))
     return _call(x, w, norm_weight=norm.weight[...], norm_eps=norm.eps)
 
@@ -51,7 +57,7 @@ def norm_linear(norm: Any, lin: Callable[[jax.Array], jax.Array], x: jax.Array) 
 def norm_swiglu(norm: Any, lin: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     """silu(gate) * up of h = lin(norm(x)), whose rows are [gate; up]: x [..., I] -> [..., O/2]."""
     w = _kernel_weight(lin, x)
-    if w is None:
+    if w is None or not _norm_fits(norm, x):
         h = lin(norm(x))
         width = h.shape[-1] // 2
         return jax.nn.silu(h[..., :width]) * h[..., width:]
