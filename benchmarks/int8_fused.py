@@ -39,6 +39,9 @@ QUICK_PRODUCTS = [
 ]
 CONFIGS = [
     None,  # the default launch for the shape
+    GemvConfig(2, 2048, 1, 4, 3, True),  # SwiGLU only: 2 outputs = 4 rows a program
+    GemvConfig(2, 2048, 1, 8, 3, True),
+    GemvConfig(4, 4096, 1, 4, 3, True),
     GemvConfig(4, 2048, 1, 4, 3, True),
     GemvConfig(4, 2048, 1, 8, 3, True),
     GemvConfig(8, 2048, 1, 8, 3, True),
@@ -83,6 +86,8 @@ def sweep(products, budget_s: float, interpret: bool) -> dict:
         print("|---|---|---|---|---|")
         results = []
         for cfg in CONFIGS:
+            if cfg is not None and cfg.block_o < qm.MIN_ROW_BLOCK and fusion != "swiglu":
+                continue
             if time.perf_counter() - t0 > budget_s:
                 print("| (sweep budget spent) | | | | |")
                 break

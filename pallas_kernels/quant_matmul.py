@@ -202,7 +202,8 @@ def int8_matmul(
     cfg = dataclasses.replace(config or default_config(m, n_out, n_in), **overrides)
     if fused:  # the epilogue needs whole sums in one program
         cfg = dataclasses.replace(cfg, num_splits=1)
-    min_o = MIN_ROW_BLOCK if m == 1 else MIN_BLOCK
+    # SwiGLU reads two rows per output (gate and up): one row may take 2 outputs per program.
+    min_o = (MIN_ROW_BLOCK // 2 if swiglu else MIN_ROW_BLOCK) if m == 1 else MIN_BLOCK
     bo = fit_block(width, cfg.block_o, min_o)
     if not bo:
         half = f" (half of {n_out} gate/up rows)" if swiglu else ""
