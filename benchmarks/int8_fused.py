@@ -152,7 +152,6 @@ def kernel_counts(model: str, dtype: str) -> None:
 def decode_rows(best: dict, quick: bool) -> None:
     from gpu_check import decode_check
 
-    from jaxllm.generate import programs_for
     from jaxllm.quant.int8_kernel import int8_fusion
 
     model, tokens, dtype = ("tiny", 16, "float32") if quick else ("llama-3.2-1b", 128, "bfloat16")
@@ -171,8 +170,7 @@ def decode_rows(best: dict, quick: bool) -> None:
                 return picks.get((n_out, n_in)) or base(rows, n_out, n_in) if rows == 1 else \
                     base(rows, n_out, n_in)  # fmt: skip
 
-            qm.default_config = tuned
-            programs_for.cache_clear()  # launches are read when traced: trace anew
+            qm.default_config = tuned  # part of the programs' trace key: traced anew
         try:
             with int8_fusion(fuse):
                 tps, _ = decode_check(model, 1, tokens, dtype, "xla", quant="int8", mode="always")
@@ -181,7 +179,6 @@ def decode_rows(best: dict, quick: bool) -> None:
             print(f"| {label} | failed: {type(e).__name__}: {str(e)[:200]} | |", flush=True)
         finally:
             qm.default_config = base
-            programs_for.cache_clear()
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from jaxllm.quant.int8_kernel import int8_kernel_mode, set_int8_kernel_mode, use
 from jaxllm.quant.matmul import qlinear
 from jaxllm.quant.qtensor import dequantize, quantize
 from jaxllm.sampling import SamplingParams
-from pallas_kernels.quant_matmul import fit_block, int8_matmul, int8_matmul_reference
+from pallas_kernels.quant_matmul import GemvConfig, fit_block, int8_matmul, int8_matmul_reference
 
 REL_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2.0**-7}
 
@@ -183,6 +183,17 @@ def test_a_shared_program_follows_the_kernel_mode_it_is_called_under():
     assert "int8_matmul" in texts["fused"] and "int8_matmul" in texts["unfused"]
     # Unfused, each norm is its own rsqrt in the program; fused, the kernels compute them.
     assert texts["unfused"].count("rsqrt") > texts["fused"].count("rsqrt")
+    # Another launch table (benchmarks swap it) is traced anew too.
+    from pallas_kernels import quant_matmul
+
+    before = quant_matmul.default_config
+    quant_matmul.default_config = lambda rows, o, i: GemvConfig(4, 16, 1, 4, 3, True)
+    try:
+        with int8_kernel_mode("always"):
+            other = gen._forward.lower(gen.state, tokens).as_text(debug_info=True)
+    finally:
+        quant_matmul.default_config = before
+    assert "int8_matmul" in other and other != texts["fused"]
 
 
 def test_int8_engine_decodes_the_same_through_the_fused_kernel(monkeypatch):

@@ -36,9 +36,11 @@ _mode = "auto"
 _fuse = True  # take the neighbouring norm / SwiGLU / residual add into the kernel (fused.py)
 
 
-def trace_key() -> tuple[str, bool]:
-    """The settings here that a traced program depends on (see jaxllm/keyed_jit.py)."""
-    return _mode, _fuse
+def trace_key() -> tuple:
+    """The settings here that a traced program depends on (see jaxllm/keyed_jit.py), with the
+    kernel's launch choice (a benchmark may swap `quant_matmul.default_config` to time other
+    launches)."""
+    return _mode, _fuse, quant_matmul.default_config
 
 
 @contextlib.contextmanager
