@@ -87,7 +87,7 @@ def _paged_kernel(q, k_pages, v_pages, meta, *, sm_scale):
 
 def paged_uses_native_cpu(group: int, page_size: int, dtype, head_dim: int | None = None) -> bool:
     """Whether the engine's `xla` attention runs the native CPU kernel (else the jnp split):
-    pages of `dtype` float32, float16 or bfloat16 (int8 pages take the split). The kernel
+    pages of `dtype` float32, float16, bfloat16 or int8 (with scales). The kernel
     computes in 16-float vectors: `head_dim` must be a multiple of 16, at most 256."""
     from jaxllm import cpu_kernels
 
@@ -104,10 +104,11 @@ def paged_uses_native_cpu(group: int, page_size: int, dtype, head_dim: int | Non
 def _paged_xla(q, k_pages, v_pages, meta, *, sm_scale):
     from jaxllm import cpu_kernels
     from jaxllm.engine.cpu_attention import split_paged_attention
+    from jaxllm.quant.kv import QuantizedKV
     from jaxllm.quant.kv_bits import Bfloat16Bits
 
     group, page_size = q.shape[1] // k_pages.shape[0], k_pages.shape[2]
-    if isinstance(k_pages, jax.Array | Bfloat16Bits) and paged_uses_native_cpu(
+    if isinstance(k_pages, jax.Array | Bfloat16Bits | QuantizedKV) and paged_uses_native_cpu(
         group, page_size, k_pages.dtype, q.shape[-1]
     ):  # one pass over each sequence's pages, on every core
         return cpu_kernels.paged_attention(

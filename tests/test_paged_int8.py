@@ -201,3 +201,51 @@ def test_engine_kv_int8_on_paged_kernel_equals_static_int8_cache(tiny_config):
     assert got == want
     assert isinstance(engine.runner.pages[0][0], QuantizedKV)
     assert engine.runner.pages[0][0].values.dtype == jnp.int8
+
+
+def test_native_cpu_kernel_over_int8_pages_matches_dequantized_pool():
+    """The native CPU kernel (`paged_attention.cc`, the engine's `xla` backend on CPU) reads
+    int8 pages and their scales in place: equal to the float reference on the dequantized
+    pool, with shared prefix pages, an unused sequence slot and padding rows (NaN scales in
+    unused pages: the kernel never reads them)."""
+    from jaxllm import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ compiler: the native kernel is not built")
+    h, kh, d, page = 9, 3, 32, 8
+    kv_lens, q_lens = [1, 37, 29, 5], [1, 5, 29, 2]
+    (kc, vc, ks, vs), (kd, vd), lens, tables, _ = int8_paged(h, kh, d, page, kv_lens)
+    tables = share_prefix(tables, lens, page)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    q = jax.random.normal(jax.random.PRNGKey(3), (int(cu[-1]) + 3, h, d), jnp.float32)
+    want = ragged_paged_attention_reference(q, kd, vd, lens, tables, cu, 3, sm_scale=d**-0.5)
+    got = cpu_kernels.paged_attention(
+        q, QuantizedKV(kc, ks), QuantizedKV(vc, vs), lens, tables, cu, 3, sm_scale=d**-0.5
+    )
+    assert not bool(jnp.isnan(got).any())
+    assert max_err(got, want) <= TOL[jnp.float32]
+    assert float(jnp.max(jnp.abs(got[int(cu[3]) :]))) == 0.0
+
+
+def test_engine_kv_int8_on_native_cpu_kernel_equals_static_int8_cache(tiny_config):
+    """The engine's default CPU attention over int8 pages (the native kernel, no jnp split)
+    gives the static generator's greedy tokens over its int8 cache."""
+    from jaxllm import cpu_kernels
+    from jaxllm.engine import EngineConfig, LLMEngine
+    from jaxllm.generate import Generator
+    from jaxllm.model import Transformer, random_params
+    from jaxllm.quant.apply import quantize_model
+    from jaxllm.sampling import SamplingParams
+
+    if not cpu_kernels.available():
+        pytest.skip("no C++ compiler: the native kernel is not built")
+    params = random_params(tiny_config, seed=5, scale=0.3)
+    prompts = [[5, 9, 13], list(range(5, 40))]
+    sp = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (5, 7)]
+    static = Generator(quantize_model(Transformer(tiny_config, params), "kv-int8"))
+    want = [g.token_ids for g in static.generate(prompts, sp)]
+    model = quantize_model(Transformer(tiny_config, params), "kv-int8")
+    engine = LLMEngine(model, EngineConfig(num_pages=16, page_size=8, max_num_batched_tokens=16))
+    assert not engine.runner.split  # the native kernel needs no decode/prefill split
+    got = [r.output for r in engine.run(prompts, sp)]
+    assert got == want

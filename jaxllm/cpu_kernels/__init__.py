@@ -53,8 +53,15 @@ _ATTENTION_TARGETS = {
     jnp.dtype(jnp.bfloat16): ("jaxllm_paged_attention_bf16", "JaxllmPagedAttentionBF16"),
     # bfloat16 pages held as uint16 bits (`jaxllm.quant.kv_bits.Bfloat16Bits`)
     jnp.dtype(jnp.uint16): ("jaxllm_paged_attention_bf16_bits", "JaxllmPagedAttentionBF16Bits"),
+    # int8 pages with a float32 scale per token per KV head (`jaxllm.quant.kv.QuantizedKV`)
+    jnp.dtype(jnp.int8): ("jaxllm_paged_attention_s8", "JaxllmPagedAttentionS8"),
 }
-PAGED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+PAGED_DTYPES = (
+    jnp.dtype(jnp.float32),
+    jnp.dtype(jnp.float16),
+    jnp.dtype(jnp.bfloat16),
+    jnp.dtype(jnp.int8),
+)
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w", "-pthread"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -223,11 +230,17 @@ def paged_attention(
 ) -> jax.Array:
     """`ragged_paged_attention` on CPU through `paged_attention.cc` (G <= 16, page size <= 256,
     head_dim a multiple of 16 up to 256). q [T, H, D], pages [K, P, page, D] -> [T, H, D]. The
-    pages are read as they are stored (float32, float16 or bfloat16: `PAGED_DTYPES`, or
-    bfloat16 held as uint16 bits: `Bfloat16Bits`), q and the result in float32. Call only
-    where `available()`; the jnp reference is its oracle."""
+    pages are read as they are stored (float32, float16 or bfloat16: `PAGED_DTYPES`,
+    bfloat16 held as uint16 bits: `Bfloat16Bits`, or int8 codes with their scales:
+    `QuantizedKV`), q and the result in float32. Call only where `available()`; the jnp
+    reference is its oracle."""
+    from jaxllm.quant.kv import QuantizedKV
     from jaxllm.quant.kv_bits import Bfloat16Bits
 
+    scales = ()
+    if isinstance(k_pages, QuantizedKV) and isinstance(v_pages, QuantizedKV):
+        scales = (k_pages.scale.astype(jnp.float32), v_pages.scale.astype(jnp.float32))
+        k_pages, v_pages = k_pages.values, v_pages.values
     if isinstance(k_pages, Bfloat16Bits) and isinstance(v_pages, Bfloat16Bits):
         k_pages, v_pages = k_pages.bits, v_pages.bits  # the uint16 target reads them as bf16
     t, h, d = q.shape
@@ -243,6 +256,7 @@ def paged_attention(
         q.reshape(t, kh, h // kh, d).astype(jnp.float32),
         k_pages,
         v_pages,
+        *scales,
         kv_lens.astype(jnp.int32),
         block_tables.astype(jnp.int32),
         cu_q_lens.astype(jnp.int32),

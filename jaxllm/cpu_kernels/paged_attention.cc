@@ -9,7 +9,9 @@
 // (JaxllmPagedAttentionF16, llama.cpp's default cache) or bfloat16 (JaxllmPagedAttentionBF16,
 // or JaxllmPagedAttentionBF16Bits for bfloat16 held as uint16 bits, as the engine holds them):
 // a decode step is bound by reading the cache, so half-width pages are converted to float32
-// in registers as they are read, never copied.
+// in registers as they are read, never copied. int8 pages (JaxllmPagedAttentionS8, the
+// kv-int8 recipe) come with float32 scales [K, P, page] for k and v after the pages, one per
+// token per KV head: each key or value vector is widened and multiplied by its scale as read.
 //
 // Sequence s owns rows cu_q_lens[s]:cu_q_lens[s+1], the last q_len of its kv_len tokens, and
 // attends causally to its own pages. A work item is (sequence, KV head, block of up to 4
@@ -47,18 +49,21 @@ struct Item {
 struct F32Pages {
   using T = float;
   static constexpr ffi::DataType kType = ffi::F32;
+  static constexpr bool kScaled = false;
   static Vec Load(const T* p) { return ::Load(p); }
 };
 
 struct F16Pages {
   using T = uint16_t;
   static constexpr ffi::DataType kType = ffi::F16;
+  static constexpr bool kScaled = false;
   static Vec Load(const T* p) { return LoadF16(p); }
 };
 
 struct BF16Pages {
   using T = uint16_t;
   static constexpr ffi::DataType kType = ffi::BF16;
+  static constexpr bool kScaled = false;
   static Vec Load(const T* p) { return LoadBF16(p); }
 };
 
@@ -66,7 +71,16 @@ struct BF16Pages {
 struct BF16BitsPages {
   using T = uint16_t;
   static constexpr ffi::DataType kType = ffi::U16;
+  static constexpr bool kScaled = false;
   static Vec Load(const T* p) { return LoadBF16(p); }
+};
+
+// int8 codes with a float32 scale per vector (k_scales, v_scales in the problem).
+struct S8Pages {
+  using T = int8_t;
+  static constexpr ffi::DataType kType = ffi::S8;
+  static constexpr bool kScaled = true;
+  static Vec Load(const T* p) { return LoadS8(p); }
 };
 
 template <typename Pages>
@@ -77,6 +91,7 @@ struct Problem {
   float* out;
   int64_t kh, g, d, pages, page, maxp;
   float scale;
+  const float *k_scales = nullptr, *v_scales = nullptr;  // [K, P, page] for S8Pages
 };
 
 
@@ -193,7 +208,8 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
   for (int64_t pi = 0; pi < n_pages; ++pi) {
     const int64_t base = pi * page;
     const int64_t n_keys = std::min<int64_t>(page, last_pos + 1 - base);
-    const int64_t off = ((it.head * p.pages) + table[pi]) * page * d;
+    const int64_t slot0 = ((it.head * p.pages) + table[pi]) * page;  // of the page's first key
+    const int64_t off = slot0 * d;
     for (int64_t c0 = 0; c0 < n_keys; c0 += kLanes) {
       const int64_t nk = std::min<int64_t>(kLanes, n_keys - c0);  // >= 1: the last row sees all
       const typename Pages::T* kp = p.k + off + c0 * d;
@@ -210,14 +226,23 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
       for (int64_t j = nk; j < kLanes; ++j) {
         for (int64_t qi = 0; qi < nq; ++qi) partp[qi * kLanes + j] = Vec{};
       }
+      // int8 pages: the chunk's key scales multiply its scores and its value scales its
+      // probabilities, one vector product per query instead of one per key vector. Lanes past
+      // the chunk stay 0 (their slots may hold anything).
+      Vec k_scale{}, v_scale{};
+      if constexpr (Pages::kScaled) {
+        std::memcpy(&k_scale, p.k_scales + slot0 + c0, nk * sizeof(float));
+        std::memcpy(&v_scale, p.v_scales + slot0 + c0, nk * sizeof(float));
+      }
       for (int64_t qi = 0; qi < nq; ++qi) {
         const int64_t visible = std::min<int64_t>(nk, first_pos + qi / g + 1 - base - c0);
         if (visible <= 0) {  // a row before this chunk: nothing to add, state untouched
           evp[qi] = Vec{};
           continue;
         }
-        const Vec s = Select(lane < static_cast<int32_t>(visible), SumEach(&partp[qi * kLanes]),
-                             Vec{} - INFINITY);
+        Vec dots = SumEach(&partp[qi * kLanes]);
+        if constexpr (Pages::kScaled) dots *= k_scale;
+        const Vec s = Select(lane < static_cast<int32_t>(visible), dots, Vec{} - INFINITY);
         const float m_new = std::max(mp[qi], MaxOf(s));
         const float alpha = std::exp(mp[qi] - m_new);  // 0 on the first chunk (m = -inf)
         const Vec e = Exp(s - m_new);                 // 0 in the masked lanes
@@ -227,7 +252,11 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
           Vec* a = accp + qi * nv;
           for (int64_t v = 0; v < nv; ++v) a[v] *= alpha;
         }
-        evp[qi] = e;
+        if constexpr (Pages::kScaled) {
+          evp[qi] = e * v_scale;  // l above sums the unscaled probabilities
+        } else {
+          evp[qi] = e;
+        }
       }
       for (int64_t j = 0; j < nk; ++j) {
         for (int64_t v = 0; v < nv; ++v) row[v] = Pages::Load(vp + j * d + v * kLanes);
@@ -255,11 +284,24 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
 }
 
 template <typename Pages>
-ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<Pages::kType> k_pages,
-                          ffi::Buffer<Pages::kType> v_pages, ffi::Buffer<ffi::S32> kv_lens,
-                          ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> cu_q_lens,
-                          ffi::Buffer<ffi::S32> num_seqs, float scale,
-                          ffi::ResultBuffer<ffi::F32> out) {
+Problem<Pages> MakeProblem(ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k_pages,
+                           ffi::AnyBuffer& v_pages, ffi::Buffer<ffi::S32>& kv_lens,
+                           ffi::Buffer<ffi::S32>& block_tables, ffi::Buffer<ffi::S32>& cu_q_lens,
+                           float scale, ffi::ResultBuffer<ffi::F32>& out) {
+  auto qd = q.dimensions();
+  auto kd = k_pages.dimensions();
+  auto bd = block_tables.dimensions();
+  return Problem<Pages>{q.typed_data(),
+                        reinterpret_cast<const typename Pages::T*>(k_pages.untyped_data()),
+                        reinterpret_cast<const typename Pages::T*>(v_pages.untyped_data()),
+                        kv_lens.typed_data(), block_tables.typed_data(), cu_q_lens.typed_data(),
+                        out->typed_data(), qd[1], qd[2], qd[3], kd[1], kd[2], bd[1], scale};
+}
+
+template <typename Pages>
+ffi::Error Solve(Problem<Pages>& p, ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k_pages,
+                 ffi::Buffer<ffi::S32>& block_tables, ffi::Buffer<ffi::S32>& num_seqs,
+                 ffi::ResultBuffer<ffi::F32>& out) {
   auto qd = q.dimensions();
   auto kd = k_pages.dimensions();
   auto bd = block_tables.dimensions();
@@ -267,11 +309,6 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<Pages::kType> k_p
     return ffi::Error::InvalidArgument("JaxllmPagedAttention: q [T,K,G,D], pages [K,P,page,D]");
   }
   const int64_t t = qd[0];
-  Problem<Pages> p{q.typed_data(),
-                   reinterpret_cast<const typename Pages::T*>(k_pages.untyped_data()),
-                   reinterpret_cast<const typename Pages::T*>(v_pages.untyped_data()),
-            kv_lens.typed_data(),  block_tables.typed_data(), cu_q_lens.typed_data(),
-            out->typed_data(),     qd[1], qd[2], qd[3], kd[1], kd[2], bd[1], scale};
   if (p.g > kMaxG || p.page > kMaxPage || kd[0] != p.kh || kd[3] != p.d ||
       p.d % kLanes != 0 || p.d > kMaxD) {
     return ffi::Error::InvalidArgument("JaxllmPagedAttention: unsupported shapes");
@@ -313,14 +350,45 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<Pages::kType> k_p
   return ffi::Error::Success();
 }
 
+template <typename Pages>
+ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages,
+                          ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> block_tables,
+                          ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> num_seqs,
+                          float scale, ffi::ResultBuffer<ffi::F32> out) {
+  if (k_pages.element_type() != Pages::kType || v_pages.element_type() != Pages::kType) {
+    return ffi::Error::InvalidArgument("JaxllmPagedAttention: page dtype of another target");
+  }
+  auto p = MakeProblem<Pages>(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, scale, out);
+  return Solve(p, q, k_pages, block_tables, num_seqs, out);
+}
+
+ffi::Error PagedAttentionS8(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
+                            ffi::AnyBuffer v_pages, ffi::Buffer<ffi::F32> k_scales,
+                            ffi::Buffer<ffi::F32> v_scales, ffi::Buffer<ffi::S32> kv_lens,
+                            ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> cu_q_lens,
+                            ffi::Buffer<ffi::S32> num_seqs, float scale,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  if (k_pages.element_type() != ffi::S8 || v_pages.element_type() != ffi::S8 ||
+      k_scales.element_count() * k_pages.dimensions().back() != k_pages.element_count() ||
+      v_scales.element_count() * v_pages.dimensions().back() != v_pages.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "JaxllmPagedAttentionS8: int8 pages [K,P,page,D] and float32 scales [K,P,page]");
+  }
+  auto p = MakeProblem<S8Pages>(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, scale,
+                                out);
+  p.k_scales = k_scales.typed_data();
+  p.v_scales = v_scales.typed_data();
+  return Solve(p, q, k_pages, block_tables, num_seqs, out);
+}
+
 }  // namespace
 
 #define JAXLLM_PAGED_HANDLER(name, pages)                                     \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, PagedAttention<pages>,                  \
                                 ffi::Ffi::Bind()                              \
                                     .Arg<ffi::Buffer<ffi::F32>>()             \
-                                    .Arg<ffi::Buffer<pages::kType>>()         \
-                                    .Arg<ffi::Buffer<pages::kType>>()         \
+                                    .Arg<ffi::AnyBuffer>()                    \
+                                    .Arg<ffi::AnyBuffer>()                    \
                                     .Arg<ffi::Buffer<ffi::S32>>()             \
                                     .Arg<ffi::Buffer<ffi::S32>>()             \
                                     .Arg<ffi::Buffer<ffi::S32>>()             \
@@ -332,3 +400,17 @@ JAXLLM_PAGED_HANDLER(JaxllmPagedAttention, F32Pages)
 JAXLLM_PAGED_HANDLER(JaxllmPagedAttentionF16, F16Pages)
 JAXLLM_PAGED_HANDLER(JaxllmPagedAttentionBF16, BF16Pages)
 JAXLLM_PAGED_HANDLER(JaxllmPagedAttentionBF16Bits, BF16BitsPages)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmPagedAttentionS8, PagedAttentionS8,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -35,14 +35,11 @@ namespace {
 
 constexpr int64_t kMinParallelElements = 1 << 16;
 
-// 16 codes -> 16 floats. GCC scalarises a generic vector conversion from bytes (it went
-// through general registers one byte at a time, 8x slower than the f32 kernel), so x86 gets
-// the widening instructions by name.
+// 16 codes -> 16 floats: vec.h's LoadS8 for int8; nibbles here. GCC scalarises a generic
+// vector conversion from bytes, so x86 gets the widening instructions by name.
+inline Vec WidenS8(const int8_t* p) { return LoadS8(p); }
 #if defined(__AVX512F__)
 inline Vec FromInts(__m512i v) { return (Vec)_mm512_cvtepi32_ps(v); }
-inline Vec WidenS8(const int8_t* p) {
-  return FromInts(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
 // Low and high nibbles of 16 bytes.
 inline void WidenNibbles(const uint8_t* p, Vec* lo, Vec* hi) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -51,11 +48,6 @@ inline void WidenNibbles(const uint8_t* p, Vec* lo, Vec* hi) {
   *hi = FromInts(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
 }
 #else
-inline Vec WidenS8(const int8_t* p) {
-  Vec v;
-  for (int64_t i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-}
 inline void WidenNibbles(const uint8_t* p, Vec* lo, Vec* hi) {
   for (int64_t i = 0; i < kLanes; ++i) {
     (*lo)[i] = static_cast<float>(p[i] & 15);
