@@ -197,9 +197,9 @@ def test_a_shared_program_follows_the_kernel_mode_it_is_called_under():
 
 
 def test_int8_engine_decodes_the_same_through_the_fused_kernel(monkeypatch):
-    """The engine's paged steps with the Pallas GEMV and its fusions (steps of <= 16 tokens:
-    chunked prefill of 16) give the XLA path's greedy tokens; the traced steps did call the
-    kernel with each fusion."""
+    """The engine's paged steps with the Pallas GEMV and its fusions (steps of <= 8 tokens:
+    chunked prefill) give the XLA path's greedy tokens; the traced steps did call the kernel
+    with each fusion."""
     from jaxllm.engine import EngineConfig, LLMEngine
     from pallas_kernels import quant_matmul
 
@@ -219,9 +219,9 @@ def test_int8_engine_decodes_the_same_through_the_fused_kernel(monkeypatch):
 
     cfg = ModelConfig.from_yaml("tiny")
     params = random_params(cfg, seed=5, scale=0.3)
-    prompts = [[int(t) for t in np.random.default_rng(1).integers(3, 250, n)] for n in (5, 21)]
-    sp = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)] * 2
-    config = EngineConfig(num_pages=32, page_size=8, max_num_batched_tokens=16)
+    prompts = [[int(t) for t in np.random.default_rng(1).integers(3, 250, n)] for n in (3, 10)]
+    sp = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (5, 4)]
+    config = EngineConfig(num_pages=8, page_size=16, max_num_batched_tokens=8)
     runs = {}
     for mode in ("never", "always"):
         with int8_kernel_mode(mode):
