@@ -49,6 +49,10 @@ CONFIGS = [
     GemvConfig(4, 8192, 1, 8, 3, True),
     GemvConfig(8, 8192, 1, 8, 3, True),
     GemvConfig(32, 256, 1, 4, 3, False),
+    # down (I = 8192): 256 programs of 8 outputs is about 2 per SM; more warps per program
+    # keep more loads in flight
+    GemvConfig(8, 8192, 1, 16, 3, True),
+    GemvConfig(4, 8192, 1, 16, 3, True),
 ]
 CHAIN_BYTES = 160e6  # int8 bytes per timed call: past the 50 MB L2 of an H100
 
