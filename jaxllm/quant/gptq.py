@@ -33,7 +33,7 @@ from jaxllm.quant.qtensor import (
     asymmetric_params,
     check_groups,
     check_scale_bits,
-    double_quantized_params,
+    covering_double_quantized_params,
     quantize,
     quantize_asymmetric_with,
     quantize_double,
@@ -48,9 +48,12 @@ CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 def _group_params(block, bits: int, group: int, symmetric: bool, supers=None):
     """float32 (scale, offset) [O, G] of each group in block [O, G * group]; with `supers`
-    (scale_super, offset_super [O, S] over the block's groups), the double-quantized grid."""
+    (scale_super, offset_super [O, S] over the block's groups), the double-quantized grid.
+    Asymmetric grids cover the group (min/max, not round-to-nearest's least-squares codes,
+    which may clip the extremes: GPTQ then spreads a clipped weight's error over the later
+    columns; SmolLM2 int4-g64+gptq, 2 windows: +51.5% with them, +31.9% covering)."""
     if supers is not None:
-        c, k = double_quantized_params(block, group, *supers)
+        c, k = covering_double_quantized_params(block, group, *supers)
         n = block.shape[1] // group
         rep = n // supers[0].shape[1]
         s = c.astype(jnp.float32) * jnp.repeat(supers[0].astype(jnp.float32), rep, axis=1)
