@@ -153,6 +153,8 @@ def test_recipes_store_double_quantized_or_float16_scales():
     assert load_recipe("int4-g32").scale_bits == 8
     assert load_recipe("int4-g32+gptq").scale_bits == 8
     assert load_recipe("int4-g32-f16s").scale_bits is None
+    g64 = load_recipe("int4-g64-f16s")
+    assert (g64.scale_bits, g64.group_size) == (None, load_recipe("int4-g64").group_size)
     assert load_recipe("gguf").scale_bits is None
 
 
