@@ -13,7 +13,7 @@ from jaxllm.quant import QuantConfig, load_recipe
 from jaxllm.quant.gptq import gptq_quantize
 from jaxllm.quant.gptq_table import hessian_error
 from jaxllm.quant.matmul import native_qlinear, qlinear
-from jaxllm.quant.qtensor import dequantize, group_params, quantize
+from jaxllm.quant.qtensor import dequantize, group_params, quantize, super_scales
 
 
 def _weights(shape, seed=0):
@@ -120,9 +120,14 @@ def test_gptq_on_the_quantized_scale_grid_beats_round_to_nearest(static_groups):
     qw = gptq_quantize(w, h, 4, 32, symmetric=False, static_groups=static_groups, scale_bits=8)
     rtn = quantize(w, 4, 32, symmetric=False, scale_bits=8)
     assert qw.scale.dtype == jnp.uint8 and qw.offset.dtype == jnp.int8
-    # Same super-scales (fixed from the weights before the sweep) as round-to-nearest.
-    np.testing.assert_array_equal(np.asarray(qw.scale_super), np.asarray(rtn.scale_super))
-    np.testing.assert_array_equal(np.asarray(qw.offset_super), np.asarray(rtn.offset_super))
+    # Super-scales fixed before the sweep: wide enough for the weights (round-to-nearest's)
+    # and for those a float16-grid GPTQ sweep compensates to.
+    swept = dequantize(gptq_quantize(w, h, 4, 32, symmetric=False, static_groups=static_groups))
+    for got, a, b in zip(
+        (qw.scale_super, qw.offset_super), super_scales(jnp.asarray(w), 32, 1),
+        super_scales(swept, 32, 1),
+    ):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(got), np.maximum(np.asarray(a), np.asarray(b)))
     assert hessian_error(w, qw, h) < 0.9 * hessian_error(w, rtn, h)
 
 
@@ -148,4 +153,56 @@ def test_recipes_store_double_quantized_or_float16_scales():
     assert load_recipe("int4-g32").scale_bits == 8
     assert load_recipe("int4-g32+gptq").scale_bits == 8
     assert load_recipe("int4-g32-f16s").scale_bits is None
+    g64 = load_recipe("int4-g64-f16s")
+    assert (g64.scale_bits, g64.group_size) == (None, load_recipe("int4-g64").group_size)
     assert load_recipe("gguf").scale_bits is None
+
+
+def _brute_force_covering(x, s_sup, o_sup):
+    """Oracle: every (scale code, offset code) pair whose grid [k o, k o + 15 c s] holds the
+    group x, searched exhaustively; the smallest scale code, and the offset codes that reach
+    it with that code."""
+    c = np.arange(1, 256, dtype=np.float64)[:, None]
+    k = np.arange(-127, 128, dtype=np.float64)[None, :]
+    # float32, as the code computes the grid ends
+    base = (k * np.float32(o_sup)).astype(np.float32)
+    top = base + (15 * c * np.float32(s_sup)).astype(np.float32)
+    ok = (base <= x.min()) & (top >= x.max())
+    best_c = int(c[np.any(ok, axis=1)].min())
+    return best_c, set(k[0, ok[best_c - 1]].astype(int))
+
+
+def test_covering_codes_are_the_brute_force_smallest_covering_grid():
+    from jaxllm.quant.qtensor import covering_double_quantized_params
+
+    w = _weights((6, 192), seed=8)
+    w[2, 40:64] *= 6.0  # groups whose ranges differ widely within a row
+    ss, os_ = super_scales(jnp.asarray(w), 32, 1)
+    c, k = (np.asarray(a).astype(int) for a in covering_double_quantized_params(w, 32, ss, os_))
+    s_sup, o_sup = np.asarray(ss, np.float32), np.asarray(os_, np.float32)
+    for r in range(1, w.shape[0]):  # row 0 is all zero
+        for g in range(w.shape[1] // 32):
+            best_c, offsets = _brute_force_covering(
+                w[r, 32 * g : 32 * (g + 1)], s_sup[r, 0], o_sup[r, 0]
+            )
+            assert c[r, g] == best_c and k[r, g] in offsets
+
+
+def test_gptq_with_identity_hessian_rounds_on_covering_grids():
+    """Oracle: with H = I GPTQ has no error to spread, so it is round-to-nearest on its grids;
+    those cover each group, so every weight is within half a step (nothing clipped), while
+    round-to-nearest's least-squares codes may clip a group's extremes."""
+    from jaxllm.quant.qtensor import covering_double_quantized_params, quantize_double
+
+    w = _weights((32, 192), seed=9)
+    qw = gptq_quantize(w, np.eye(192, dtype=np.float32), 4, 32, symmetric=False, scale_bits=8)
+    supers = (qw.scale_super, qw.offset_super)
+    want = quantize_double(
+        jnp.asarray(w), 32, *supers, params=covering_double_quantized_params(w, 32, *supers)
+    )
+    np.testing.assert_array_equal(np.asarray(qw.scale), np.asarray(want.scale))
+    np.testing.assert_array_equal(np.asarray(qw.offset), np.asarray(want.offset))
+    np.testing.assert_allclose(np.asarray(dequantize(qw)), np.asarray(dequantize(want)))
+    scale, _ = group_params(qw)
+    half_step = np.repeat(np.asarray(scale), 32, axis=1) / 2
+    assert np.all(np.abs(w - np.asarray(dequantize(qw))) <= half_step * (1 + 1e-5))

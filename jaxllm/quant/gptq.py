@@ -33,7 +33,7 @@ from jaxllm.quant.qtensor import (
     asymmetric_params,
     check_groups,
     check_scale_bits,
-    double_quantized_params,
+    covering_double_quantized_params,
     quantize,
     quantize_asymmetric_with,
     quantize_double,
@@ -48,9 +48,12 @@ CALIBRATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 def _group_params(block, bits: int, group: int, symmetric: bool, supers=None):
     """float32 (scale, offset) [O, G] of each group in block [O, G * group]; with `supers`
-    (scale_super, offset_super [O, S] over the block's groups), the double-quantized grid."""
+    (scale_super, offset_super [O, S] over the block's groups), the double-quantized grid.
+    Asymmetric grids cover the group (min/max, not round-to-nearest's least-squares codes,
+    which may clip the extremes: GPTQ then spreads a clipped weight's error over the later
+    columns; SmolLM2 int4-g64+gptq, 2 windows: +51.5% with them, +31.9% covering)."""
     if supers is not None:
-        c, k = double_quantized_params(block, group, *supers)
+        c, k = covering_double_quantized_params(block, group, *supers)
         n = block.shape[1] // group
         rep = n // supers[0].shape[1]
         s = c.astype(jnp.float32) * jnp.repeat(supers[0].astype(jnp.float32), rep, axis=1)
@@ -144,6 +147,16 @@ def _gptq_sweep(
     return w, scale.astype(scale_dtype), offset.astype(scale_dtype)
 
 
+def _sweep_super_scales(w, sweep, group: int, blocks: int) -> tuple[jax.Array, jax.Array]:
+    """Super-scales [O, S] wide enough for the original weights w [O, I] and for the weights
+    a float16-grid sweep meets: compensation pushes some groups past the original range, and
+    super-scales from w alone then saturate their codes, clipping those weights (SmolLM2
+    int4-g64+gptq, 2 windows: +31.9% with super-scales from w, +29.5% with these)."""
+    compensated, _, _ = sweep(w, supers=None)  # on each group's covering float16 grid
+    pairs = zip(super_scales(w, group, blocks), super_scales(compensated, group, blocks))
+    return tuple(jnp.maximum(a, b) for a, b in pairs)
+
+
 def gptq_quantize(
     w: jax.Array,
     h: jax.Array,
@@ -161,19 +174,21 @@ def gptq_quantize(
     percdamp: damping added to H's diagonal, as a fraction of its mean. act_order: quantize
     columns in order of decreasing H diagonal (needs static groups). static_groups: grids
     from the original weights instead of the compensated ones. scale_bits=8, scale_block:
-    double-quantized scales as in `quantize`, the super-scales taken from w before the sweep.
+    double-quantized scales as in `quantize`, the super-scales fixed before the sweep
+    (`_sweep_super_scales`), each group's codes covering the group when the sweep reaches it.
     """
     g = check_groups(w.shape, group)
     w = jnp.asarray(w, jnp.float32)
+    h = jnp.asarray(h, jnp.float32)
+    sweep = functools.partial(
+        _gptq_sweep, h=h, bits=bits, group=g, percdamp=percdamp, symmetric=symmetric,
+        act_order=act_order, static_groups=static_groups,
+    )  # fmt: skip
     supers = None
     if scale_bits is not None:
         check_scale_bits(scale_bits, bits, symmetric, "weight")
-        supers = super_scales(w, g, super_block_count(w.shape[1] // g, scale_block))
-    wc, scale, offset = _gptq_sweep(
-        w, jnp.asarray(h, jnp.float32), supers,
-        bits=bits, group=g, percdamp=percdamp, symmetric=symmetric, act_order=act_order,
-        static_groups=static_groups,
-    )  # fmt: skip
+        supers = _sweep_super_scales(w, sweep, g, super_block_count(w.shape[1] // g, scale_block))
+    wc, scale, offset = sweep(w, supers=supers)
     if supers is not None:
         n = w.shape[1] // g
         rep = n // supers[0].shape[1]

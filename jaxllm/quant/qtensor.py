@@ -242,6 +242,26 @@ def double_quantized_params(
     return best[1].astype(jnp.uint8), best[2].astype(jnp.int8)
 
 
+def covering_double_quantized_params(
+    w: jax.Array, group: int, scale_super: jax.Array, offset_super: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(scale codes uint8, offset codes int8) [O, N] of the smallest grid on the super-scales
+    [O, S] that covers each group of w [O, I]: the offset code just below the group's min and
+    the scale code just above its range from there, so no weight is clipped (unless a code
+    saturates: a group wider than its super-scales allow) and every weight lies within
+    half a step of the grid. The float16-scale grid's choice (`asymmetric_params`) on the
+    code lattice; GPTQ takes it, since a clipped weight's error exceeds what its sweep
+    assumes and compensates."""
+    o, i = w.shape
+    n = i // group
+    ws = w.astype(jnp.float32).reshape(o, n, group)
+    s_sup, o_sup = _per_group(scale_super, n), _per_group(offset_super, n)
+    lo, hi = jnp.min(ws, axis=-1), jnp.max(ws, axis=-1)
+    k = jnp.clip(jnp.floor(lo / o_sup), -OFFSET_CODE_MAX, OFFSET_CODE_MAX)
+    c = jnp.clip(jnp.ceil((hi - k * o_sup) / 15.0 / s_sup), 1, SCALE_CODE_MAX)
+    return c.astype(jnp.uint8), k.astype(jnp.int8)
+
+
 def quantize_double(
     w: jax.Array,
     group: int,
