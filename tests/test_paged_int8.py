@@ -45,6 +45,20 @@ def share_prefix(tables: np.ndarray, lens: np.ndarray, page: int) -> jax.Array:
     return jnp.asarray(tables)
 
 
+def mixed_step():
+    """One engine step over int8 pages: decode rows beside prefill chunks, GQA 3, two
+    sequences sharing prefix pages, an unused sequence slot (4 slots, 3 used) and 3 padding
+    rows. Returns (q [T, 9, 32], int8 pages and scales, dequantized pages, kv_lens, tables,
+    cu_q_lens)."""
+    h, kh, d, page = 9, 3, 32, 8
+    kv_lens, q_lens = [1, 37, 29, 5], [1, 5, 29, 2]
+    codes, floats, lens, tables, _ = int8_paged(h, kh, d, page, kv_lens)
+    tables = share_prefix(tables, lens, page)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    q = jax.random.normal(jax.random.PRNGKey(3), (int(cu[-1]) + 3, h, d), jnp.float32)
+    return q, codes, floats, lens, tables, cu
+
+
 # (heads, kv_heads, head_dim, page, lengths, q dtype, num_splits): GQA 4 and 3, MQA; ragged
 # lengths with an empty sequence and a one-token one.
 DECODE_CASES = [
@@ -94,12 +108,8 @@ def test_tpu_paged_decode_over_int8_pages_interpret():
 def test_ragged_over_int8_pages_matches_dequantized_pool(window):
     """Mixed step: decode rows beside prefill chunks, GQA 3, two sequences sharing prefix
     pages, an unused sequence slot and padding rows; with and without a sliding window."""
-    h, kh, d, page = 9, 3, 32, 8
-    kv_lens, q_lens = [1, 37, 29, 5], [1, 5, 29, 2]
-    (kc, vc, ks, vs), (kd, vd), lens, tables, _ = int8_paged(h, kh, d, page, kv_lens)
-    tables = share_prefix(tables, lens, page)
-    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-    q = jax.random.normal(jax.random.PRNGKey(3), (int(cu[-1]) + 3, h, d), jnp.float32)
+    q, (kc, vc, ks, vs), (kd, vd), lens, tables, cu = mixed_step()
+    d = q.shape[-1]
     want = ragged_paged_attention_reference(
         q, kd, vd, lens, tables, cu, 3, sm_scale=d**-0.5, sliding_window=window
     )
@@ -212,12 +222,8 @@ def test_native_cpu_kernel_over_int8_pages_matches_dequantized_pool():
 
     if not cpu_kernels.available():
         pytest.skip("no C++ compiler: the native kernel is not built")
-    h, kh, d, page = 9, 3, 32, 8
-    kv_lens, q_lens = [1, 37, 29, 5], [1, 5, 29, 2]
-    (kc, vc, ks, vs), (kd, vd), lens, tables, _ = int8_paged(h, kh, d, page, kv_lens)
-    tables = share_prefix(tables, lens, page)
-    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-    q = jax.random.normal(jax.random.PRNGKey(3), (int(cu[-1]) + 3, h, d), jnp.float32)
+    q, (kc, vc, ks, vs), (kd, vd), lens, tables, cu = mixed_step()
+    d = q.shape[-1]
     want = ragged_paged_attention_reference(q, kd, vd, lens, tables, cu, 3, sm_scale=d**-0.5)
     got = cpu_kernels.paged_attention(
         q, QuantizedKV(kc, ks), QuantizedKV(vc, vs), lens, tables, cu, 3, sm_scale=d**-0.5
