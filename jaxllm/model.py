@@ -178,8 +178,7 @@ class Attention(nnx.Module):
         GEMV runs them: jaxllm/quant/fused.py)."""
         b, t, _ = x.shape
         k_, g, d = self.kv_heads, self.group, self.head_dim
-        qkv = self.qkv(x) if norm is None else fused.norm_linear(norm, self.qkv, x)
-        qkv = qkv.reshape(b, t, k_, g + 2, d)
+        qkv = fused.norm_linear(norm, self.qkv, x).reshape(b, t, k_, g + 2, d)
         q = apply_rope(qkv[:, :, :, :g], positions, inv_freq)  # [B, T, K, G, D]
         # K/V are kept head-major, [B, K, S, D]: the layout the score and value dots read,
         # so no per-step transpose of the whole cache.
@@ -192,10 +191,7 @@ class Attention(nnx.Module):
         q_offset = 0 if cache_index is None else cache_index
         k_in, v_in = kvq.read_kv(k, q.dtype), kvq.read_kv(v, q.dtype)
         out = attention_fn(q, k_in, v_in, mask, sm_scale=d**-0.5, q_offset=q_offset)
-        out = out.reshape(b, t, k_ * g * d)
-        if residual is None:
-            return self.o(out), (k, v)
-        return fused.linear_residual(self.o, out, residual), (k, v)
+        return fused.linear_residual(self.o, out.reshape(b, t, k_ * g * d), residual), (k, v)
 
     def paged(
         self,
@@ -216,18 +212,15 @@ class Attention(nnx.Module):
         """
         t = x.shape[0]
         k_, g, d = self.kv_heads, self.group, self.head_dim
-        qkv = self.qkv(x[None]) if norm is None else fused.norm_linear(norm, self.qkv, x[None])
-        qkv = qkv.reshape(1, t, k_, g + 2, d)
+        qkv = fused.norm_linear(norm, self.qkv, x[None]).reshape(1, t, k_, g + 2, d)
         q = apply_rope(qkv[:, :, :, :g], positions[None], inv_freq)[0]  # [T, K, G, D]
         k = apply_rope(qkv[:, :, :, g], positions[None], inv_freq)[0]  # [T, K, D]
         v = qkv[0, :, :, g + 1]
         kp = kvq.scatter_slots(pages[0], k.transpose(1, 0, 2), meta.slot_mapping)
         vp = kvq.scatter_slots(pages[1], v.transpose(1, 0, 2), meta.slot_mapping)
         out = paged_attention_fn(q.reshape(t, k_ * g, d), kp, vp, meta, sm_scale=d**-0.5)
-        out = out.reshape(1, t, k_ * g * d)
-        if residual is None:
-            return self.o(out)[0], (kp, vp)
-        return fused.linear_residual(self.o, out, residual[None])[0], (kp, vp)
+        res = None if residual is None else residual[None]
+        return fused.linear_residual(self.o, out.reshape(1, t, k_ * g * d), res)[0], (kp, vp)
 
 
 class MLP(nnx.Module):
@@ -250,18 +243,12 @@ class MLP(nnx.Module):
     ) -> jax.Array:
         """x [..., E] -> [..., E]; `norm`, `residual` as in `Attention.__call__`."""
         if self.shards == 1:
-            if norm is None:
-                h = self.gate_up(x)
-                act = jax.nn.silu(h[..., : self.width]) * h[..., self.width :]
-            else:
-                act = fused.norm_swiglu(norm, self.gate_up, x)
+            act = fused.norm_swiglu(norm, self.gate_up, x)
         else:
             h = self.gate_up(x if norm is None else norm(x))
             h = h.reshape(*h.shape[:-1], self.shards, 2, self.width // self.shards)
             gate, up = (h[..., i, :].reshape(*h.shape[:-3], self.width) for i in (0, 1))
             act = jax.nn.silu(gate) * up
-        if residual is None:
-            return self.down(act)
         return fused.linear_residual(self.down, act, residual)
 
 

@@ -35,9 +35,8 @@ namespace {
 
 constexpr int64_t kMinParallelElements = 1 << 16;
 
-// 16 codes -> 16 floats: vec.h's LoadS8 for int8; nibbles here. GCC scalarises a generic
-// vector conversion from bytes, so x86 gets the widening instructions by name.
-inline Vec WidenS8(const int8_t* p) { return LoadS8(p); }
+// 16 nibbles -> 16 floats (int8 codes: vec.h's LoadS8). GCC scalarises a generic vector
+// conversion from bytes, so x86 gets the widening instructions by name.
 #if defined(__AVX512F__)
 inline Vec FromInts(__m512i v) { return (Vec)_mm512_cvtepi32_ps(v); }
 // Low and high nibbles of 16 bytes.
@@ -82,7 +81,7 @@ void Block8(const Job& job, int64_t j, int64_t r0) {
   for (int64_t gi = 0; gi < job.groups; ++gi) {
     const Vec s = Vec{} + sj[gi];
     for (int64_t i = gi * g; i < (gi + 1) * g; i += kLanes) {
-      const Vec w = WidenS8(wj + i) * s;
+      const Vec w = LoadS8(wj + i) * s;
       for (int r = 0; r < RB; ++r) acc[r] += Load(x0 + r * job.k + i) * w;
     }
   }

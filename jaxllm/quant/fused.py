@@ -40,34 +40,40 @@ def _call(x: jax.Array, w, **fusion) -> jax.Array:
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _norm_fits(norm: Any, x: jax.Array) -> bool:
-    """The kernel rounds the normalised x to x's dtype, as `RMSNorm` does when its weight
-    has that dtype (a wider weight would promote the product)."""
-    return norm.weight[...].dtype == x.dtype
+def _norm_kernel_weight(norm: Any | None, lin: Any, x: jax.Array):
+    """`_kernel_weight` where the kernel can also do the norm: there is one, and its weight
+    has x's dtype (the kernel rounds the normalised x to x's dtype, as `RMSNorm` does then;
+    a wider weight would promote the product)."""
+    if norm is None or norm.weight[...].dtype != x.dtype:
+        return None
+    return _kernel_weight(lin, x)
 
 
-def norm_linear(norm: Any, lin: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-    """lin(norm(x)) for an `RMSNorm` norm: x [..., I] -> [..., O]."""
-    w = _kernel_weight(lin, x)
-    if w is None or not _norm_fits(norm, x):
-        return lin(norm(x))
+def norm_linear(norm: Any | None, lin: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """lin(norm(x)) for an `RMSNorm` norm (None: lin(x)): x [..., I] -> [..., O]."""
+    w = _norm_kernel_weight(norm, lin, x)
+    if w is None:
+        return lin(x if norm is None else norm(x))
     return _call(x, w, norm_weight=norm.weight[...], norm_eps=norm.eps)
 
 
-def norm_swiglu(norm: Any, lin: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-    """silu(gate) * up of h = lin(norm(x)), whose rows are [gate; up]: x [..., I] -> [..., O/2]."""
-    w = _kernel_weight(lin, x)
-    if w is None or not _norm_fits(norm, x):
-        h = lin(norm(x))
+def norm_swiglu(norm: Any | None, lin: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """silu(gate) * up of h = lin(norm(x)) (norm None: lin(x)), whose rows are [gate; up]:
+    x [..., I] -> [..., O/2]."""
+    w = _norm_kernel_weight(norm, lin, x)
+    if w is None:
+        h = lin(x if norm is None else norm(x))
         width = h.shape[-1] // 2
         return jax.nn.silu(h[..., :width]) * h[..., width:]
     return _call(x, w, norm_weight=norm.weight[...], norm_eps=norm.eps, swiglu=True)
 
 
 def linear_residual(
-    lin: Callable[[jax.Array], jax.Array], h: jax.Array, residual: jax.Array
+    lin: Callable[[jax.Array], jax.Array], h: jax.Array, residual: jax.Array | None
 ) -> jax.Array:
-    """residual + lin(h): h [..., I], residual [..., O] -> [..., O]."""
+    """residual + lin(h) (residual None: lin(h)): h [..., I], residual [..., O] -> [..., O]."""
+    if residual is None:
+        return lin(h)
     w = _kernel_weight(lin, h)
     if w is None or residual.dtype != h.dtype:
         return residual + lin(h)

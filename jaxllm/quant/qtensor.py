@@ -213,6 +213,18 @@ def super_scales(w: jax.Array, group: int, blocks: int) -> tuple[jax.Array, jax.
     return scale_super[..., 0], offset_super[..., 0]
 
 
+def _group_floor(w: jax.Array, group: int, scale_super: jax.Array, offset_super: jax.Array):
+    """w [O, I]'s groups [O, N, group] in float32, the super-scales per group [O, N], each
+    group's offset code just below its min (clipped to the code range) and its max [O, N]."""
+    o, i = w.shape
+    n = i // group
+    ws = w.astype(jnp.float32).reshape(o, n, group)
+    s_sup, o_sup = _per_group(scale_super, n), _per_group(offset_super, n)
+    lo, hi = jnp.min(ws, axis=-1), jnp.max(ws, axis=-1)
+    k_lo = jnp.clip(jnp.floor(lo / o_sup), -OFFSET_CODE_MAX, OFFSET_CODE_MAX)
+    return ws, s_sup, o_sup, k_lo, hi
+
+
 def double_quantized_params(
     w: jax.Array, group: int, scale_super: jax.Array, offset_super: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -221,12 +233,7 @@ def double_quantized_params(
     above its range from that lower offset, the pair whose round-to-nearest weights have the
     smallest squared error. The lower offset and upper scale cover the group, so no weight
     is further than scale/2 + offset_super + 15 * scale_super from its grid point."""
-    o, i = w.shape
-    n = i // group
-    ws = w.astype(jnp.float32).reshape(o, n, group)
-    s_sup, o_sup = _per_group(scale_super, n), _per_group(offset_super, n)
-    lo, hi = jnp.min(ws, axis=-1), jnp.max(ws, axis=-1)
-    k_lo = jnp.clip(jnp.floor(lo / o_sup), -OFFSET_CODE_MAX, OFFSET_CODE_MAX)
+    ws, s_sup, o_sup, k_lo, hi = _group_floor(w, group, scale_super, offset_super)
     c_lo = jnp.clip(jnp.floor((hi - k_lo * o_sup) / 15.0 / s_sup), 1, SCALE_CODE_MAX)
     best = None
     for dk, dc in ((0, 1), (0, 0), (1, 0), (1, 1)):
@@ -252,12 +259,7 @@ def covering_double_quantized_params(
     half a step of the grid. The float16-scale grid's choice (`asymmetric_params`) on the
     code lattice; GPTQ takes it, since a clipped weight's error exceeds what its sweep
     assumes and compensates."""
-    o, i = w.shape
-    n = i // group
-    ws = w.astype(jnp.float32).reshape(o, n, group)
-    s_sup, o_sup = _per_group(scale_super, n), _per_group(offset_super, n)
-    lo, hi = jnp.min(ws, axis=-1), jnp.max(ws, axis=-1)
-    k = jnp.clip(jnp.floor(lo / o_sup), -OFFSET_CODE_MAX, OFFSET_CODE_MAX)
+    _, s_sup, o_sup, k, hi = _group_floor(w, group, scale_super, offset_super)
     c = jnp.clip(jnp.ceil((hi - k * o_sup) / 15.0 / s_sup), 1, SCALE_CODE_MAX)
     return c.astype(jnp.uint8), k.astype(jnp.int8)
 
