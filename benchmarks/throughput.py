@@ -72,20 +72,25 @@ def summary(wall: float, n_out: int, n_req: int, ttft: list[float], tpot: list[f
     }
 
 
-def _jaxllm(n: int, weight_dtype: str | None = None):
+def _jaxllm(n: int, weight_dtype: str | None = None, quantization: str | None = None):
     from jaxllm import LLM
 
     llm = LLM("smollm2-135m", compilation_cache=False, log=lambda *a: None,
-              weight_dtype=weight_dtype)  # fmt: skip
+              weight_dtype=weight_dtype, quantization=quantization)  # fmt: skip
     prompts, outs = workload(llm.encode, n)
     return llm, prompts, outs
 
 
-def run_engine(n: int, weight_dtype: str | None = None, kv_dtype: str | None = None) -> dict:
+def run_engine(
+    n: int,
+    weight_dtype: str | None = None,
+    kv_dtype: str | None = None,
+    quantization: str | None = None,
+) -> dict:
     from jaxllm.engine import EngineConfig, LLMEngine
     from jaxllm.sampling import SamplingParams
 
-    llm, prompts, outs = _jaxllm(n, weight_dtype)
+    llm, prompts, outs = _jaxllm(n, weight_dtype, quantization)
     config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512, kv_cache_dtype=kv_dtype)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in outs]
     warm = LLMEngine(llm.model, config)  # compile the buckets this workload meets, untimed
@@ -310,6 +315,7 @@ def run_bounds(n: int) -> dict:
 RUNNERS = {
     "jaxllm-engine": run_engine,
     "jaxllm-engine-bf16": lambda n: run_engine(n, "bfloat16", "float16"),
+    "jaxllm-engine-w8a8": lambda n: run_engine(n, None, "float16", "w8a8"),
     "jaxllm-static": run_static,
     "hf": run_hf,
     "llama.cpp": run_llama_cpp,

@@ -102,15 +102,18 @@ def test_weight_only_matmul_matches_float_within_the_bound(bits, group):
     assert np.all(np.abs(y - x @ w.T) <= bound + 1e-4)
 
 
-@pytest.mark.parametrize("k", [576, 200])  # 9 runs of 64 bytes; 3 runs and a tail of 8
+# 9 runs of 64 bytes; 3 runs and a tail of 8; a K the panel kernel does not take (K % 4)
+@pytest.mark.parametrize("k", [576, 200, 202])
 def test_int8_dot_is_exact_integer_arithmetic(k):
-    """w8a8's int8 x int8 -> int32 product (the native VNNI kernel on CPU for <= 16 rows, XLA's
-    dot otherwise) against numpy's int64 product, including the extreme codes -128 and 127."""
+    """w8a8's int8 x int8 -> int32 product (on CPU the native VNNI kernels: `qmatvec.cc` for 1-3
+    rows, `int8_gemm.cc`'s column panels from 4, with a partial panel of 6 of 70 columns and
+    partial blocks of rows) against numpy's int64 product, with the extreme codes -128, 127."""
     from jaxllm.quant.matmul import int8_matmul
 
     rng = np.random.default_rng(9)
-    w = rng.integers(-127, 128, (70, k)).astype(np.int8)
-    for rows in (1, 5, 7, 11, 16, 17):
+    w = rng.integers(-128, 128, (70, k)).astype(np.int8)
+    w[1, :2] = (-128, 127)
+    for rows in (1, 3, 5, 7, 11, 16, 17, 64):
         x = rng.integers(-128, 128, (rows, k)).astype(np.int8)
         x[0, :3] = (-128, 127, -128)
         got = np.asarray(jax.jit(int8_matmul)(jnp.asarray(x), jnp.asarray(w)))
@@ -122,12 +125,13 @@ def test_int8_dot_is_exact_integer_arithmetic(k):
 def test_grouped_int8_matmul_is_the_per_group_integer_product(group):
     """w8a8 with per-group activation scales: for each group the exact integer product of
     the codes, times the group's activation scale and the channel scale (numpy, float64),
-    at row counts that take the native kernel (<= 16 on CPU) and XLA's batched dot (17)."""
+    at row counts that take each native kernel on CPU (1-3 rows; 4 and more, with partial
+    row blocks), and XLA's batched dot elsewhere."""
     from jaxllm.quant.matmul import grouped_int8_matmul
 
     rng = np.random.default_rng(11)
     qw = quantize(_weights((48, 256), seed=12), 8)
-    for rows in (1, 7, 16, 17):
+    for rows in (1, 3, 7, 16, 17, 40):
         x = rng.standard_normal((rows, 256)).astype(np.float32)
         x[:, 5] *= 40.0
         xq, xs = (

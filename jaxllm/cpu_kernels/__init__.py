@@ -44,7 +44,15 @@ _MATVEC_TARGETS = {
 }
 _SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("matvec.cc", "paged_attention.cc", "qmatvec.cc", "pool.h", "vec.h")
+    for n in (
+        "matvec.cc",
+        "paged_attention.cc",
+        "qmatvec.cc",
+        "int8_gemm.cc",
+        "int8_gemm.h",
+        "pool.h",
+        "vec.h",
+    )
 ]
 # Page dtype -> (FFI target, library symbol) of the paged attention kernel.
 _ATTENTION_TARGETS = {

@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #endif
 
+#include "int8_gemm.h"
 #include "pool.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
@@ -34,6 +35,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMinParallelElements = 1 << 16;
+// From this many rows the int8 x int8 products take int8_gemm.cc's column-panel kernel.
+constexpr int64_t kGemmRows = 4;
 
 // 16 nibbles -> 16 floats (int8 codes: vec.h's LoadS8). GCC scalarises a generic vector
 // conversion from bytes, so x86 gets the widening instructions by name.
@@ -302,6 +305,10 @@ ffi::Error QMatVec4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer
 ffi::Error Int8Dot(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y) {
   const int64_t n = w.dimensions()[0], k = w.dimensions()[1];
   const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
+  if (rows >= kGemmRows &&
+      JaxllmInt8Gemm(x.typed_data(), w.typed_data(), y->typed_data(), rows, k, n)) {
+    return ffi::Error::Success();
+  }
   Run(DotJob{x.typed_data(), w.typed_data(), y->typed_data(), rows, k, n}, DotRows);
   return ffi::Error::Success();
 }
@@ -313,6 +320,10 @@ ffi::Error Int8GroupDot(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> xs,
   const int64_t groups = static_cast<int64_t>(xs.element_count()) / rows;
   if (groups <= 0 || k % groups != 0) {
     return ffi::Error::InvalidArgument("JaxllmInt8GroupDot: groups must divide K");
+  }
+  if (rows >= kGemmRows && JaxllmInt8GroupGemm(x.typed_data(), xs.typed_data(), w.typed_data(),
+                                               y->typed_data(), rows, k, n, groups)) {
+    return ffi::Error::Success();
   }
   Run(GroupDotJob{x.typed_data(), xs.typed_data(), w.typed_data(), y->typed_data(), rows, k, n,
                   groups},
