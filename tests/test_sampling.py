@@ -44,6 +44,28 @@ def test_greedy_is_argmax():
     np.testing.assert_array_equal(greedy_argmax(ties), np.argmax(np.asarray(ties), -1))
 
 
+@pytest.mark.parametrize("v", [1, 7, 16, 49152 + 5])  # below, at and past one vector of lanes
+def test_native_argmax_is_jnp_argmax(v):
+    """`cpu_kernels/argmax.cc` (greedy sampling on CPU) against jnp.argmax: ties to the first
+    index, in and across vector lanes; -inf rows; NaN (the first NaN wins, as in jnp.argmax);
+    jitted, as the engine calls it."""
+    from jaxllm import cpu_kernels
+
+    rng = np.random.default_rng(v)
+    x = rng.standard_normal((6, v)).astype(np.float32)
+    x[1, :] = -np.inf
+    x[2, :] = 3.0  # all tied: index 0
+    x[3, v // 2 :] = 9.0  # tied maxima from the middle (different lanes when v >= 32)
+    x[4, v - 1] = np.nan
+    x[5, v // 3] = np.nan
+    x[5, 0] = 50.0
+    if not cpu_kernels.uses_native_argmax(jnp.asarray(x)):
+        pytest.skip("native CPU kernels not built here")
+    got = np.asarray(jax.jit(cpu_kernels.argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, -1))
+    np.testing.assert_array_equal(np.asarray(greedy_argmax(jnp.asarray(x[:4]))), np.argmax(x[:4], -1))
+
+
 @pytest.mark.parametrize(
     "top_k,top_p,min_p,temp",
     [

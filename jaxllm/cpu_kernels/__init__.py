@@ -50,6 +50,7 @@ _SOURCES = [
         "qmatvec.cc",
         "int8_gemm.cc",
         "int8_gemm.h",
+        "argmax.cc",
         "pool.h",
         "vec.h",
     )
@@ -157,6 +158,7 @@ def available() -> bool:
                         "JaxllmQMatVec4",
                         "JaxllmInt8Dot",
                         "JaxllmInt8GroupDot",
+                        "JaxllmArgmax",  # greedy sampling
                     ):
                         jax.ffi.register_ffi_target(
                             name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
@@ -223,6 +225,24 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     if uses_native(x, w):
         return _linear_with_grad(x, w)
     return einsum_linear(x, w)
+
+
+def uses_native_argmax(logits: jax.Array) -> bool:
+    return (
+        logits.dtype == jnp.float32
+        and logits.ndim >= 1
+        and logits.shape[-1] > 0
+        and jax.default_backend() == "cpu"
+        and available()
+    )
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+    """`argmax.cc`: the first index of the maximum of each row, NaN counting as the maximum
+    (jnp.argmax's answer). logits float32 [..., V] -> int32 [...]. Call only where
+    `uses_native_argmax`; jnp.argmax is its oracle."""
+    out = jax.ShapeDtypeStruct(logits.shape[:-1], jnp.int32)
+    return jax.ffi.ffi_call("JaxllmArgmax", out, vmap_method="sequential")(logits)
 
 
 def paged_attention(

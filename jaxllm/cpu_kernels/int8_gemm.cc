@@ -10,7 +10,8 @@
 // 1/M of the products.
 //
 // vpdpbusd multiplies unsigned by signed bytes: the activation codes go in offset by 128 (a
-// flip of the sign bit) and 128 * sum(w) per column, summed while packing, comes off.
+// flip of the sign bits of the 4 broadcast bytes) and 128 * sum(w) per column, summed while
+// packing, comes off.
 
 #include "int8_gemm.h"
 
@@ -56,7 +57,7 @@ inline void Transpose16(__m512i r[16]) {
 }
 
 struct Gemm {
-  const uint8_t* xu;  // activation codes + 128, [M, K]
+  const int8_t* x;    // activation codes [M, K]
   const float* xs;    // [M, groups], or nullptr: int32 output
   const int8_t* w;    // [N, K]
   void* y;            // int32 or float32 [M, N]
@@ -112,14 +113,14 @@ void Block(const Gemm& g, const uint8_t* panel, const int32_t* wsum, int64_t n0,
   for (int64_t gi = 0; gi < g.groups; ++gi) {
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
     const uint8_t* p = panel + gi * steps * kCols * 4;
-    const uint8_t* x = g.xu + m0 * k + gi * steps * 4;
+    const int8_t* x = g.x + m0 * k + gi * steps * 4;
     for (int64_t s = 0; s < steps; ++s) {
       const __m512i w0 = _mm512_loadu_si512(p + s * kCols * 4);
       const __m512i w1 = _mm512_loadu_si512(p + s * kCols * 4 + 64);
       for (int r = 0; r < R; ++r) {
-        int32_t v;
+        uint32_t v;
         std::memcpy(&v, x + r * k + 4 * s, 4);
-        const __m512i b = _mm512_set1_epi32(v);
+        const __m512i b = _mm512_set1_epi32(static_cast<int32_t>(v ^ 0x80808080u));  // x + 128
         acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], b, w0);
         acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], b, w1);
       }
@@ -177,13 +178,10 @@ void Panels(const Gemm& g, int64_t p0, int64_t p1) {
   }
 }
 
-bool Run(const int8_t* x, Gemm g) {
+bool Run(const Gemm& g) {
   if (g.k % 4 != 0 || g.groups <= 0 || g.k % g.groups != 0 || (g.k / g.groups) % 4 != 0) {
     return false;
   }
-  std::vector<uint8_t> xu(g.m * g.k);
-  for (int64_t i = 0; i < g.m * g.k; ++i) xu[i] = static_cast<uint8_t>(x[i]) ^ 0x80;
-  g.xu = xu.data();
   const int64_t panels = (g.n + kCols - 1) / kCols;
   if (g.m * g.n * g.k < kMinParallelMacs) {
     Panels(g, 0, panels);
@@ -200,12 +198,12 @@ bool Run(const int8_t* x, Gemm g) {
 
 bool JaxllmInt8Gemm(const int8_t* x, const int8_t* w, int32_t* y, int64_t m, int64_t k,
                     int64_t n) {
-  return Run(x, Gemm{nullptr, nullptr, w, y, m, k, n, 1});
+  return Run(Gemm{x, nullptr, w, y, m, k, n, 1});
 }
 
 bool JaxllmInt8GroupGemm(const int8_t* x, const float* xs, const int8_t* w, float* y, int64_t m,
                          int64_t k, int64_t n, int64_t groups) {
-  return Run(x, Gemm{nullptr, xs, w, y, m, k, n, groups});
+  return Run(Gemm{x, xs, w, y, m, k, n, groups});
 }
 
 #else  // no AVX512-VNNI: the callers keep their own kernels
