@@ -63,7 +63,9 @@ def test_native_argmax_is_jnp_argmax(v):
         pytest.skip("native CPU kernels not built here")
     got = np.asarray(jax.jit(cpu_kernels.argmax)(jnp.asarray(x)))
     np.testing.assert_array_equal(got, np.argmax(x, -1))
-    np.testing.assert_array_equal(np.asarray(greedy_argmax(jnp.asarray(x[:4]))), np.argmax(x[:4], -1))
+    np.testing.assert_array_equal(
+        np.asarray(greedy_argmax(jnp.asarray(x[:4]))), np.argmax(x[:4], -1)
+    )
 
 
 @pytest.mark.parametrize(
