@@ -146,6 +146,24 @@ def test_grouped_int8_matmul_is_the_per_group_integer_product(group):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("group", [64, 32])
+def test_grouped_int8_matmul_does_not_depend_on_the_batch(group):
+    """Each row's w8a8 product is bit-identical whether it runs alone (the few-row kernel) or
+    among 40 rows (the column-panel kernel on CPU): the engine's greedy tokens must not
+    change with what else is in the step."""
+    from jaxllm.quant.matmul import grouped_int8_matmul
+
+    rng = np.random.default_rng(13)
+    qw = quantize(_weights((70, 256), seed=14), 8)
+    x = rng.standard_normal((40, 256)).astype(np.float32) * 3
+    f = jax.jit(grouped_int8_matmul, static_argnums=2)
+    batch = np.asarray(f(jnp.asarray(x), qw, group))
+    for r in (0, 17, 39):
+        np.testing.assert_array_equal(
+            np.asarray(f(jnp.asarray(x[r : r + 1]), qw, group))[0], batch[r]
+        )
+
+
 def test_w8a8_matmul_matches_float_within_the_bound():
     w = _weights((40, 96), seed=5)
     x = np.random.default_rng(6).standard_normal((7, 96)).astype(np.float32)

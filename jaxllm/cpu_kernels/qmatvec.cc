@@ -17,6 +17,7 @@
 // here the codes are read once, widened in registers, and scaled once per group. The rows
 // of W are split across the threads of the pool in pool.h, as in matvec.cc.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -200,8 +201,10 @@ void DotRows(const DotJob& job, int64_t j0, int64_t j1) {
   });
 }
 
-// Per-group activation scales: each group's exact int32 lanes are converted to float and
-// scaled once per group (groups of a multiple of 64 inputs; others take the scalar loop).
+// Per-group activation scales: each group's exact int32 product is converted to float and
+// added times its scale, groups in order with one rounding each (std::fma): the same float
+// operations as int8_gemm.cc's per column, so a row's result does not depend on how many rows
+// share the call (groups of a multiple of 64 inputs; others take the scalar loop).
 struct GroupDotJob {
   const int8_t* x;
   const float* xs;
@@ -219,8 +222,6 @@ void GroupDotBlock(const GroupDotJob& job, int64_t j, int64_t r0) {
   float out[RB] = {};
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (g % 64 == 0) {
-    __m512 acc[RB];
-    for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t gi = 0; gi < job.groups; ++gi) {
       __m512i lanes[RB];
       for (int r = 0; r < RB; ++r) lanes[r] = _mm512_setzero_si512();
@@ -228,13 +229,13 @@ void GroupDotBlock(const GroupDotJob& job, int64_t j, int64_t r0) {
       for (int64_t i = gi * g; i < (gi + 1) * g; i += 64) {
         DotChunk<RB>(wj + i, x0 + i, k, lanes, &wsum);
       }
-      const __m512i offset = _mm512_slli_epi32(wsum, 7);  // 128 * sum(w), per lane
+      const int32_t offset = 128 * _mm512_reduce_add_epi32(wsum);
       for (int r = 0; r < RB; ++r) {
-        const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(lanes[r], offset));
-        acc[r] = _mm512_fmadd_ps(exact, _mm512_set1_ps(s0[r * job.groups + gi]), acc[r]);
+        const float exact = static_cast<float>(_mm512_reduce_add_epi32(lanes[r]) - offset);
+        out[r] = std::fma(exact, s0[r * job.groups + gi], out[r]);
       }
     }
-    for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = out[r];
     return;
   }
 #endif
@@ -244,7 +245,7 @@ void GroupDotBlock(const GroupDotJob& job, int64_t j, int64_t r0) {
       for (int64_t i = gi * g; i < (gi + 1) * g; ++i) {
         dot += static_cast<int32_t>(x0[r * k + i]) * static_cast<int32_t>(wj[i]);
       }
-      out[r] += s0[r * job.groups + gi] * static_cast<float>(dot);
+      out[r] = std::fma(static_cast<float>(dot), s0[r * job.groups + gi], out[r]);
     }
   }
   for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = out[r];
