@@ -10,6 +10,10 @@ Engines, each in its own subprocess (peak RSS is its own):
                   accumulation; activations, norms, softmax, logits float32) and float16 KV
                   pages (llama.cpp's default cache): `LLM(weight_dtype="bfloat16")`,
                   `EngineConfig(kv_cache_dtype="float16")`
+  jaxllm-engine-w8a8  the same engine with the `w8a8` recipe (int8 weights per channel x int8
+                  activations per token per 64 inputs, exact int32 products: the native VNNI
+                  kernels) and float16 KV pages: `LLM(quantization="w8a8")`. llama.cpp's
+                  Q4_1 GGUF also multiplies 8-bit activation blocks in integers
   jaxllm-static   the static generator in batches of 16
   hf              HF transformers `generate`, padded batches of 16, float32
   llama.cpp       llama-cpp-python, one request at a time
@@ -37,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("jaxllm-engine", "jaxllm-engine-bf16", "jaxllm-static", "hf", "llama.cpp",
-           "llama-server")  # fmt: skip
-JAXLLM_ENGINES = ENGINES[:2]
+ENGINES = ("jaxllm-engine", "jaxllm-engine-bf16", "jaxllm-engine-w8a8", "jaxllm-static", "hf",
+           "llama.cpp", "llama-server")  # fmt: skip
+JAXLLM_ENGINES = ENGINES[:3]
 BATCH = 16
 
 
