@@ -121,12 +121,14 @@ def test_int8_dot_is_exact_integer_arithmetic(k):
         np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64).T)
 
 
-@pytest.mark.parametrize("group", [64, 128, 32])  # VNNI groups (multiples of 64) and scalar
+# VNNI groups (multiples of 64), scalar ones (32), one group per row (256)
+@pytest.mark.parametrize("group", [64, 128, 32, 256])
 def test_grouped_int8_matmul_is_the_per_group_integer_product(group):
     """w8a8 with per-group activation scales: for each group the exact integer product of
-    the codes, times the group's activation scale and the channel scale (numpy, float64),
-    at row counts that take each native kernel on CPU (1-3 rows; 4 and more, with partial
-    row blocks), and XLA's batched dot elsewhere."""
+    the codes `quantize_rows` gives (on CPU the kernel quantizes x itself: an all-zero group,
+    and ties rounded half to even, included), times the group's activation scale and the
+    channel scale (numpy, float64), at row counts that take each native kernel on CPU (1-3
+    rows; 4 and more, with partial row blocks), and XLA's batched dot elsewhere."""
     from jaxllm.quant.matmul import grouped_int8_matmul
 
     rng = np.random.default_rng(11)
@@ -134,6 +136,9 @@ def test_grouped_int8_matmul_is_the_per_group_integer_product(group):
     for rows in (1, 3, 7, 16, 17, 40):
         x = rng.standard_normal((rows, 256)).astype(np.float32)
         x[:, 5] *= 40.0
+        if rows >= 3:
+            x[1, :group] = 0.0
+            x[2, :group] = np.resize([127.0, 2.5, -3.5, 0.5, -0.5, 1.5], group)  # scale 1: ties
         xq, xs = (
             np.asarray(a, np.float64)
             for a in quantize_rows(jnp.asarray(x).reshape(rows, -1, group))

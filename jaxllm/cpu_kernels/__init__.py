@@ -157,7 +157,7 @@ def available() -> bool:
                         "JaxllmQMatVec8",
                         "JaxllmQMatVec4",
                         "JaxllmInt8Dot",
-                        "JaxllmInt8GroupDot",
+                        "JaxllmW8A8Dot",
                         "JaxllmArgmax",  # greedy sampling
                     ):
                         jax.ffi.register_ffi_target(

@@ -177,11 +177,12 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
   const int64_t first_pos = kv_len - q_len + it.row0;  // position of the item's first row
   const int64_t last_pos = first_pos + it.rows - 1;
   // Per-thread scratch, grown once: an item allocates nothing.
-  thread_local std::vector<Vec> qs, acc, part, ev;
+  thread_local std::vector<Vec> qs, acc, part, ev, vbuf;
   thread_local std::vector<float> m, l;
   qs.resize(nq * nv);
   part.resize(nq * kLanes);
   ev.resize(nq);
+  vbuf.resize(kLanes * nv);
   acc.assign(nq * nv, Vec{});
   m.assign(nq, -INFINITY);
   l.assign(nq, 0.f);
@@ -191,6 +192,7 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
   Vec* const accp = acc.data();
   Vec* const partp = part.data();
   Vec* const evp = ev.data();
+  Vec* const vbufp = vbuf.data();
   float* const mp = m.data();
   float* const lp = l.data();
   for (int64_t r = 0; r < it.rows; ++r) {
@@ -258,14 +260,21 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
           evp[qi] = e;
         }
       }
+      // Values: the chunk is widened once into vbuf, and each query's accumulators stay in
+      // registers across the chunk's keys (a store per vector per chunk, not per key: with
+      // the accumulators in memory the stores bounded the loop).
       for (int64_t j = 0; j < nk; ++j) {
-        for (int64_t v = 0; v < nv; ++v) row[v] = Pages::Load(vp + j * d + v * kLanes);
-        for (int64_t qi = 0; qi < nq; ++qi) {
-          const float ej = evp[qi][j];
-          if (ej == 0.f) continue;
-          Vec* a = accp + qi * nv;
-          for (int64_t v = 0; v < nv; ++v) a[v] += ej * row[v];
+        for (int64_t v = 0; v < nv; ++v) vbufp[j * nv + v] = Pages::Load(vp + j * d + v * kLanes);
+      }
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        if (first_pos + qi / g + 1 - base - c0 <= 0) continue;  // a row before this chunk
+        Vec a[kMaxD / kLanes];
+        for (int64_t v = 0; v < nv; ++v) a[v] = accp[qi * nv + v];
+        for (int64_t j = 0; j < nk; ++j) {
+          const Vec ej = Vec{} + evp[qi][j];  // 0 past the row's last key
+          for (int64_t v = 0; v < nv; ++v) a[v] += ej * vbufp[j * nv + v];
         }
+        for (int64_t v = 0; v < nv; ++v) accp[qi * nv + v] = a[v];
       }
     }
   }

@@ -8,19 +8,22 @@
 //   JaxllmInt8Dot:  y[R, N] = x[R, K] @ W^T in int32, x int8 (w8a8's per-token activation
 //                   codes), W int8 [N, K]: exact integer dot products, as XLA's
 //                   int8 x int8 -> int32 dot gives them
-//   JaxllmInt8GroupDot: y[R, N] = sum over groups g of xs[R, g] * (x_g @ W_g^T), float32,
-//                   x int8 [R, K] with one scale per row per group xs f32 [R, G]
-//                   (w8a8 with per-group activation scales), W int8 [N, K]
+//   JaxllmW8A8Dot:  y[R, N] = sum over groups g of xs[R, g] * (x_g @ W_g^T), float32: w8a8.
+//                   x float32 [R, K] is quantized here per row per group (attribute
+//                   `groups`; 1: per row) to int8 codes x_g with scales xs, W int8 [N, K];
+//                   each group's integer product is exact
 //
 // G groups of K / G inputs share a scale. XLA:CPU converts quantized weights to float before
 // a dot, so a batch-1 step would read each weight once as codes and twice more as floats;
 // here the codes are read once, widened in registers, and scaled once per group. The rows
 // of W are split across the threads of the pool in pool.h, as in matvec.cc.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -314,21 +317,79 @@ ffi::Error Int8Dot(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBu
   return ffi::Error::Success();
 }
 
-ffi::Error Int8GroupDot(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::F32> xs,
-                        ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::F32> y) {
+// w8a8's dynamic activation codes, as jaxllm.quant.matmul.quantize_rows computes them per
+// group of g inputs: scale = max|x| / 127 (1 for an all-zero group), codes = x / scale rounded
+// half to even and clipped to [-127, 127]. Rows r0..r1 of x [rows, k].
+void QuantizeRows(const float* x, int64_t k, int64_t groups, int8_t* q, float* s, int64_t r0,
+                  int64_t r1) {
+  const int64_t g = k / groups;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const float* xg = x + r * k + gi * g;
+      int8_t* qg = q + r * k + gi * g;
+      int64_t i = 0;
+      float amax = 0.0f;
+#if defined(__AVX512F__)
+      if (g % 16 == 0) {
+        __m512 m = _mm512_setzero_ps();
+        for (; i < g; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xg + i)));
+        amax = _mm512_reduce_max_ps(m);
+      }
+#endif
+      for (; i < g; ++i) amax = std::max(amax, std::fabs(xg[i]));
+      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+      s[r * groups + gi] = scale;
+      i = 0;
+#if defined(__AVX512F__)
+      if (g % 16 == 0) {
+        const __m512 sv = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.0f),
+                     hi = _mm512_set1_ps(127.0f);
+        for (; i < g; i += 16) {
+          __m512 t = _mm512_div_ps(_mm512_loadu_ps(xg + i), sv);
+          t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qg + i),
+                           _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+        }
+      }
+#endif
+      for (; i < g; ++i) {
+        const float t = std::nearbyint(xg[i] / scale);
+        qg[i] = static_cast<int8_t>(std::min(std::max(t, -127.0f), 127.0f));
+      }
+    }
+  }
+}
+
+// y[R, N] = sum over groups of xs * (x_g @ w_g^T), x int8 codes: int8_gemm.cc from
+// kGemmRows rows, the few-row kernel below that.
+void GroupProduct(const int8_t* x, const float* xs, const int8_t* w, float* y, int64_t rows,
+                  int64_t k, int64_t n, int64_t groups) {
+  if (rows >= kGemmRows && JaxllmInt8GroupGemm(x, xs, w, y, rows, k, n, groups)) return;
+  Run(GroupDotJob{x, xs, w, y, rows, k, n, groups}, GroupDotRows);
+}
+
+ffi::Error W8A8Dot(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t groups) {
   const int64_t n = w.dimensions()[0], k = w.dimensions()[1];
   const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
-  const int64_t groups = static_cast<int64_t>(xs.element_count()) / rows;
   if (groups <= 0 || k % groups != 0) {
-    return ffi::Error::InvalidArgument("JaxllmInt8GroupDot: groups must divide K");
+    return ffi::Error::InvalidArgument("JaxllmW8A8Dot: groups must divide K");
   }
-  if (rows >= kGemmRows && JaxllmInt8GroupGemm(x.typed_data(), xs.typed_data(), w.typed_data(),
-                                               y->typed_data(), rows, k, n, groups)) {
-    return ffi::Error::Success();
+  // Per call, not per thread: XLA may run two of these at once on different threads.
+  std::vector<int8_t> q(rows * k);
+  std::vector<float> s(rows * groups);
+  const float* xp = x.typed_data();
+  if (rows * k < kMinParallelElements) {
+    QuantizeRows(xp, k, groups, q.data(), s.data(), 0, rows);
+  } else {
+    const JaxllmPool::Task task = [&](int share, int shares) {
+      QuantizeRows(xp, k, groups, q.data(), s.data(), rows * share / shares,
+                   rows * (share + 1) / shares);
+    };
+    JaxllmGetPool().Run(task);
   }
-  Run(GroupDotJob{x.typed_data(), xs.typed_data(), w.typed_data(), y->typed_data(), rows, k, n,
-                  groups},
-      GroupDotRows);
+  GroupProduct(q.data(), s.data(), w.typed_data(), y->typed_data(), rows, k, n, groups);
   return ffi::Error::Success();
 }
 
@@ -356,9 +417,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmInt8Dot, Int8Dot,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmInt8GroupDot, Int8GroupDot,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmW8A8Dot, W8A8Dot,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("groups"));

@@ -11,7 +11,8 @@ w8a8: x is quantized per token (row) to int8 on the fly, multiplied with the int
 accumulating in int32 (`preferred_element_type`: an int8 result would overflow), and the
 result is scaled by the row scale times the channel scale. On CPU every such product, decode
 or prefill, runs in the native VNNI kernels (`qmatvec.cc` for 1-3 rows, `int8_gemm.cc`
-from 4): XLA:CPU's int8 dot runs below its float32 rate, theirs at 3-4x it.
+from 4), which also quantize x: XLA:CPU's int8 dot runs below its float32 rate, theirs at
+3-4x it.
 
 Axes: leading batch axes ..., in I, out O.
 """
@@ -22,6 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm import cpu_kernels
 from jaxllm.cpu_kernels import linear
@@ -35,20 +37,29 @@ def _native_int8() -> bool:
     return jax.default_backend() == "cpu" and cpu_kernels.available()
 
 
+def native_w8a8(x: jax.Array, codes: jax.Array, groups: int) -> jax.Array:
+    """`qmatvec.cc`'s JaxllmW8A8Dot: x quantized per row per `groups` groups of inputs as
+    `quantize_rows` does, times int8 codes [O, I], each group's integer product exact, times
+    its activation scale. x [..., I] -> float32 [rows, O] (rows: the leading axes flattened).
+    Quantizing in the kernel saves XLA:CPU four ops per product, most of a decode step's
+    glue."""
+    rows, n_in = math.prod(x.shape[:-1]), x.shape[-1]
+    out = jax.ShapeDtypeStruct((rows, codes.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call("JaxllmW8A8Dot", out, vmap_method="sequential")(
+        x.reshape(rows, n_in).astype(jnp.float32), codes, groups=np.int64(groups)
+    )
+
+
 def grouped_int8_matmul(x: jax.Array, w: QuantizedWeight, group: int) -> jax.Array:
     """Dynamic int8 activations with one scale per token per `group` inputs, times per-channel
     int8 weights: int8 x int8 -> int32 per group (a batched dot over the groups), then each
     group's partial sum scaled by its activation scale. x [..., I] -> float32 [..., O]."""
     lead, n_in = x.shape[:-1], x.shape[-1]
     ng = n_in // group
-    xq, xs = quantize_rows(x.reshape(-1, ng, group))  # [R, N, g], [R, N, 1]
-    rows = xq.shape[0]
-    if _native_int8():  # exact int32 per group, scaled once per group
-        out = jax.ShapeDtypeStruct((rows, w.shape[0]), jnp.float32)
-        y = jax.ffi.ffi_call("JaxllmInt8GroupDot", out, vmap_method="sequential")(
-            xq.reshape(rows, n_in), xs.reshape(rows, ng), w.values
-        )
+    if _native_int8():  # quantized in the kernel; exact int32 per group, scaled once per group
+        y = native_w8a8(x, w.values, ng)
         return (y * w.scale[:, 0].astype(jnp.float32)).reshape(*lead, -1)
+    xq, xs = quantize_rows(x.reshape(-1, ng, group))  # [R, N, g], [R, N, 1]
     wq = w.values.reshape(-1, ng, group)  # [O, N, g]
     dims = (((2,), (2,)), ((1,), (1,)))  # contract g, batch over the groups N
     acc = jax.lax.dot_general(xq, wq, dims, preferred_element_type=jnp.int32)  # [N, R, O]
@@ -88,6 +99,9 @@ def qlinear(
             raise ValueError("w8a8 needs per-channel int8 weights")
         if activation_group is not None and activation_group < x.shape[-1]:
             return grouped_int8_matmul(x, w, activation_group).astype(x.dtype)
+        if _native_int8():  # one group per row: round(acc * xs), as below
+            y = native_w8a8(x, w.values, 1).reshape(*x.shape[:-1], -1)
+            return (y * w.scale[:, 0].astype(jnp.float32)).astype(x.dtype)
         xq, xs = quantize_rows(x)
         acc = int8_matmul(xq, w.values).astype(jnp.float32)
         return (acc * xs * w.scale[:, 0].astype(jnp.float32)).astype(x.dtype)
