@@ -368,6 +368,8 @@ def main() -> None:
     if end.get("gemm_gflops", 0) > results["bounds"].get("gemm_gflops", 0):
         results["bounds"] = end
     b = results["bounds"]
+    if "gemm_gflops" not in b:  # e.g. jax missing from this interpreter: say so, not KeyError
+        sys.exit(f"the GEMM-rate child failed: {b.get('error')}")
     print(f"\nf32 GEMM {b['gemm_gflops']:.0f} GFLOP/s; {b['gflop_per_token']:.3f} GFLOP/token; "
           f"compute bound {b['bound_tok_s']:.0f} tok/s")  # fmt: skip
     print("\n| engine | out tok/s | req/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | "
