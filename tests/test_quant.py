@@ -104,21 +104,31 @@ def test_weight_only_matmul_matches_float_within_the_bound(bits, group):
 
 # 9 runs of 64 bytes; 3 runs and a tail of 8; a K the panel kernel does not take (K % 4)
 @pytest.mark.parametrize("k", [576, 200, 202])
-def test_int8_dot_is_exact_integer_arithmetic(k):
-    """w8a8's int8 x int8 -> int32 product (on CPU the native VNNI kernels: `qmatvec.cc` for 1-3
-    rows, `int8_gemm.cc`'s column panels from 4, with a partial panel of 6 of 70 columns and
-    partial blocks of rows) against numpy's int64 product, with the extreme codes -128, 127."""
-    from jaxllm.quant.matmul import int8_matmul
+def test_per_token_int8_product_is_exact_integer_arithmetic(k):
+    """w8a8 with one activation scale per token (the tied head's product): the integer product
+    of `quantize_rows`' codes is exact (numpy int64), and the result is that integer times the
+    row scale rounded once to float32. On CPU the native kernels (`qmatvec.cc` for 1-3 rows,
+    `int8_gemm.cc`'s column panels from 4, with a partial panel of 6 of 70 columns and
+    partial blocks of rows) and XLA's int8 dot (`int8_matmul`), with the weight codes -128
+    and 127 and activation codes +-127."""
+    from jaxllm.quant.matmul import _native_int8, int8_matmul, native_w8a8
 
     rng = np.random.default_rng(9)
     w = rng.integers(-128, 128, (70, k)).astype(np.int8)
     w[1, :2] = (-128, 127)
     for rows in (1, 3, 5, 7, 11, 16, 17, 64):
-        x = rng.integers(-128, 128, (rows, k)).astype(np.int8)
-        x[0, :3] = (-128, 127, -128)
-        got = np.asarray(jax.jit(int8_matmul)(jnp.asarray(x), jnp.asarray(w)))
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        x[0, :3] = (-5.0, 5.0, -5.0)  # codes -127, 127, -127
+        xq, xs = (np.asarray(a) for a in quantize_rows(jnp.asarray(x)))
+        ints = xq.astype(np.int64) @ w.astype(np.int64).T
+        got = np.asarray(jax.jit(int8_matmul)(jnp.asarray(xq), jnp.asarray(w)))
         assert got.dtype == np.int32
-        np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64).T)
+        np.testing.assert_array_equal(got, ints)
+        if _native_int8():
+            y = np.asarray(
+                jax.jit(native_w8a8, static_argnums=2)(jnp.asarray(x), jnp.asarray(w), 1)
+            )
+            np.testing.assert_array_equal(y, (ints * xs.astype(np.float64)).astype(np.float32))
 
 
 # VNNI groups (multiples of 64), scalar ones (32), one group per row (256)

@@ -156,7 +156,6 @@ def available() -> bool:
                     for name in (
                         "JaxllmQMatVec8",
                         "JaxllmQMatVec4",
-                        "JaxllmInt8Dot",
                         "JaxllmW8A8Dot",
                         "JaxllmArgmax",  # greedy sampling
                     ):

@@ -58,9 +58,9 @@ inline void Transpose16(__m512i r[16]) {
 
 struct Gemm {
   const int8_t* x;    // activation codes [M, K]
-  const float* xs;    // [M, groups], or nullptr: int32 output
+  const float* xs;    // [M, groups]
   const int8_t* w;    // [N, K]
-  void* y;            // int32 or float32 [M, N]
+  float* y;           // [M, N]
   int64_t m, k, n, groups;
 };
 
@@ -106,7 +106,6 @@ void Pack(const Gemm& g, int64_t n0, uint8_t* panel, int32_t* wsum) {
 template <int R>
 void Block(const Gemm& g, const uint8_t* panel, const int32_t* wsum, int64_t n0, int64_t m0) {
   const int64_t k = g.k, steps = k / 4 / g.groups;
-  const bool grouped = g.xs != nullptr;
   __m512i acc[R][2];
   __m512 facc[R][2];
   for (int r = 0; r < R; ++r) facc[r][0] = facc[r][1] = _mm512_setzero_ps();
@@ -128,31 +127,20 @@ void Block(const Gemm& g, const uint8_t* panel, const int32_t* wsum, int64_t n0,
     const __m512i c0 = _mm512_loadu_si512(wsum + gi * kCols);
     const __m512i c1 = _mm512_loadu_si512(wsum + gi * kCols + 16);
     for (int r = 0; r < R; ++r) {
-      acc[r][0] = _mm512_sub_epi32(acc[r][0], c0);
-      acc[r][1] = _mm512_sub_epi32(acc[r][1], c1);
-    }
-    if (grouped) {
-      for (int r = 0; r < R; ++r) {
-        const __m512 sc = _mm512_set1_ps(g.xs[(m0 + r) * g.groups + gi]);
-        facc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), sc, facc[r][0]);
-        facc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), sc, facc[r][1]);
-      }
+      const __m512 sc = _mm512_set1_ps(g.xs[(m0 + r) * g.groups + gi]);
+      const __m512i exact0 = _mm512_sub_epi32(acc[r][0], c0);
+      const __m512i exact1 = _mm512_sub_epi32(acc[r][1], c1);
+      facc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact0), sc, facc[r][0]);
+      facc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact1), sc, facc[r][1]);
     }
   }
   const int64_t cols = std::min<int64_t>(kCols, g.n - n0);
   const __mmask16 m0mask = cols >= 16 ? 0xFFFF : (1u << cols) - 1;
   const __mmask16 m1mask = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1;
   for (int r = 0; r < R; ++r) {
-    const int64_t at = (m0 + r) * g.n + n0;
-    if (grouped) {
-      float* y = static_cast<float*>(g.y) + at;
-      _mm512_mask_storeu_ps(y, m0mask, facc[r][0]);
-      _mm512_mask_storeu_ps(y + 16, m1mask, facc[r][1]);
-    } else {
-      int32_t* y = static_cast<int32_t*>(g.y) + at;
-      _mm512_mask_storeu_epi32(y, m0mask, acc[r][0]);
-      _mm512_mask_storeu_epi32(y + 16, m1mask, acc[r][1]);
-    }
+    float* y = g.y + (m0 + r) * g.n + n0;
+    _mm512_mask_storeu_ps(y, m0mask, facc[r][0]);
+    _mm512_mask_storeu_ps(y + 16, m1mask, facc[r][1]);
   }
 }
 
@@ -196,21 +184,12 @@ bool Run(const Gemm& g) {
 
 }  // namespace
 
-bool JaxllmInt8Gemm(const int8_t* x, const int8_t* w, int32_t* y, int64_t m, int64_t k,
-                    int64_t n) {
-  return Run(Gemm{x, nullptr, w, y, m, k, n, 1});
-}
-
 bool JaxllmInt8GroupGemm(const int8_t* x, const float* xs, const int8_t* w, float* y, int64_t m,
                          int64_t k, int64_t n, int64_t groups) {
   return Run(Gemm{x, xs, w, y, m, k, n, groups});
 }
 
 #else  // no AVX512-VNNI: the callers keep their own kernels
-
-bool JaxllmInt8Gemm(const int8_t*, const int8_t*, int32_t*, int64_t, int64_t, int64_t) {
-  return false;
-}
 
 bool JaxllmInt8GroupGemm(const int8_t*, const float*, const int8_t*, float*, int64_t, int64_t,
                          int64_t, int64_t) {

@@ -1,13 +1,9 @@
 // int8 x int8 products with many rows (w8a8 prefill chunks and wide decode steps), with
-// AVX512-VNNI: see int8_gemm.cc. Each returns false, computing nothing, where it does not
+// AVX512-VNNI: see int8_gemm.cc. It returns false, computing nothing, where it does not
 // take the shapes (or the CPU lacks VNNI); the caller then runs its few-row kernel.
 #pragma once
 
 #include <cstdint>
-
-// y[M, N] int32 = x[M, K] @ w[N, K]^T, exact.
-bool JaxllmInt8Gemm(const int8_t* x, const int8_t* w, int32_t* y, int64_t m, int64_t k,
-                    int64_t n);
 
 // y[M, N] float32 = sum over groups g of xs[M, g] * (x_g @ w_g^T): one activation scale per
 // row per group of K / groups inputs, each group's integer product exact before scaling.

@@ -5,9 +5,6 @@
 //                   in each group, byte j holds input j low and input j + group/2 high),
 //                   scale f32 [N, G], offset f32 [N, G] (asymmetric) or empty (codes - 8),
 //                   and the per-group sums of x, xsum f32 [R, G]
-//   JaxllmInt8Dot:  y[R, N] = x[R, K] @ W^T in int32, x int8 (w8a8's per-token activation
-//                   codes), W int8 [N, K]: exact integer dot products, as XLA's
-//                   int8 x int8 -> int32 dot gives them
 //   JaxllmW8A8Dot:  y[R, N] = sum over groups g of xs[R, g] * (x_g @ W_g^T), float32: w8a8.
 //                   x float32 [R, K] is quantized here per row per group (attribute
 //                   `groups`; 1: per row) to int8 codes x_g with scales xs, W int8 [N, K];
@@ -153,15 +150,8 @@ void Rows4(const Job& job, int64_t j0, int64_t j1) {
   });
 }
 
-// int8 x int8 -> int32. AVX512-VNNI's vpdpbusd multiplies unsigned by signed bytes, so the
-// activation codes go in offset by 128 (a flip of the sign bit) and 128 * sum(w) comes off.
-struct DotJob {
-  const int8_t* x;
-  const int8_t* w;
-  int32_t* y;
-  int64_t rows, k, n;
-};
-
+// AVX512-VNNI's vpdpbusd multiplies unsigned by signed bytes, so the activation codes go in
+// offset by 128 (a flip of the sign bit) and 128 * sum(w) comes off.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // One 64-byte run of W (w) against the same run of RB activation rows (x, rows k apart):
 // acc[r] += (x_r + 128) . w per lane, wsum += sum(w) per lane.
@@ -175,34 +165,6 @@ inline void DotChunk(const int8_t* w, const int8_t* x, int64_t k, __m512i* acc, 
   }
 }
 #endif
-
-template <int RB>
-void DotBlock(const DotJob& job, int64_t j, int64_t r0) {
-  const int64_t k = job.k;
-  const int8_t* wj = job.w + j * k;
-  const int8_t* x0 = job.x + r0 * k;
-  int32_t tail[RB] = {};
-  int64_t i = 0;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  __m512i acc[RB];
-  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_si512();
-  __m512i wsum = _mm512_setzero_si512();
-  for (; i + 64 <= k; i += 64) DotChunk<RB>(wj + i, x0 + i, k, acc, &wsum);
-  const int32_t offset = 128 * _mm512_reduce_add_epi32(wsum);
-  for (int r = 0; r < RB; ++r) tail[r] = _mm512_reduce_add_epi32(acc[r]) - offset;
-#endif
-  for (; i < k; ++i) {
-    const int32_t wi = wj[i];
-    for (int r = 0; r < RB; ++r) tail[r] += static_cast<int32_t>(x0[r * k + i]) * wi;
-  }
-  for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = tail[r];
-}
-
-void DotRows(const DotJob& job, int64_t j0, int64_t j1) {
-  BlockedRows(job, j0, j1, [&job](auto rb, int64_t j, int64_t r) {
-    DotBlock<decltype(rb)::value>(job, j, r);
-  });
-}
 
 // Per-group activation scales: each group's exact int32 product is converted to float and
 // added times its scale, groups in order with one rounding each (std::fma): the same float
@@ -306,19 +268,8 @@ ffi::Error QMatVec4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error Int8Dot(ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y) {
-  const int64_t n = w.dimensions()[0], k = w.dimensions()[1];
-  const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
-  if (rows >= kGemmRows &&
-      JaxllmInt8Gemm(x.typed_data(), w.typed_data(), y->typed_data(), rows, k, n)) {
-    return ffi::Error::Success();
-  }
-  Run(DotJob{x.typed_data(), w.typed_data(), y->typed_data(), rows, k, n}, DotRows);
-  return ffi::Error::Success();
-}
-
 // w8a8's dynamic activation codes, as jaxllm.quant.matmul.quantize_rows computes them per
-// group of g inputs: scale = max|x| / 127 (1 for an all-zero group), codes = x / scale rounded
+// group of g inputs: scale = max|x| * (1/127) (1 for an all-zero group), codes = x / scale rounded
 // half to even and clipped to [-127, 127]. Rows r0..r1 of x [rows, k].
 void QuantizeRows(const float* x, int64_t k, int64_t groups, int8_t* q, float* s, int64_t r0,
                   int64_t r1) {
@@ -337,7 +288,9 @@ void QuantizeRows(const float* x, int64_t k, int64_t groups, int8_t* q, float* s
       }
 #endif
       for (; i < g; ++i) amax = std::max(amax, std::fabs(xg[i]));
-      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+      // amax times 1/127, not amax / 127: XLA rewrites the division by a constant so, and
+      // 4.5% of scales differed from `quantize_rows`' by an ulp.
+      const float scale = amax > 0.0f ? amax * (1.0f / 127.0f) : 1.0f;
       s[r * groups + gi] = scale;
       i = 0;
 #if defined(__AVX512F__)
@@ -410,12 +363,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatVec4, QMatVec4,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmInt8Dot, Int8Dot,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmW8A8Dot, W8A8Dot,
                               ffi::Ffi::Bind()

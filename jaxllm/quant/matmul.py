@@ -77,11 +77,8 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def int8_matmul(xq: jax.Array, wq: jax.Array) -> jax.Array:
-    """int8 [..., I] x int8 [O, I] -> int32 [..., O]. On CPU the native VNNI kernels
-    (`qmatvec.cc`'s JaxllmInt8Dot: the same exact integers) take it."""
-    if _native_int8():
-        out = jax.ShapeDtypeStruct(xq.shape[:-1] + (wq.shape[0],), jnp.int32)
-        return jax.ffi.ffi_call("JaxllmInt8Dot", out, vmap_method="sequential")(xq, wq)
+    """int8 [..., I] x int8 [O, I] -> int32 [..., O] (XLA's dot: on CPU `qlinear` takes the
+    native kernels before it gets here)."""
     dims = (((xq.ndim - 1,), (1,)), ((), ()))
     return jax.lax.dot_general(xq, wq, dims, preferred_element_type=jnp.int32)
 
