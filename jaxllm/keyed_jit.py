@@ -3,7 +3,8 @@
 Some choices are made while a function is traced, from module state rather than from its
 arguments: whether a weight-only int8 product goes to the Pallas kernel and whether its
 neighbours are fused into it (`jaxllm.quant.int8_kernel.trace_key`); whether the native CPU
-kernels are off (`cpu_kernels.einsum_only`). jit's cache keys on the function and its
+kernels are off (`cpu_kernels.einsum_only`); whether the CPU engine fuses its w8a8 layers
+(`jaxllm.quant.cpu_layer.enabled`). jit's cache keys on the function and its
 arguments only, so a program shared between callers (the generator's programs, the engine's
 step) would keep what it was first traced with. `KeyedJit` holds one `jax.jit` per value of
 those settings and picks it at call time.
@@ -20,9 +21,10 @@ import jax
 
 def trace_settings() -> tuple:
     from jaxllm import cpu_kernels
+    from jaxllm.quant import cpu_layer
     from jaxllm.quant.int8_kernel import trace_key
 
-    return (*trace_key(), cpu_kernels.einsum_only_now())
+    return (*trace_key(), cpu_kernels.einsum_only_now(), cpu_layer.enabled())
 
 
 class _Traced:

@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxllm.config import ModelConfig
 from jaxllm.cpu_kernels import linear
-from jaxllm.quant import fused
+from jaxllm.quant import cpu_layer, fused
 from jaxllm.quant import kv as kvq
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: k, v each [B, K, S, D]
@@ -386,9 +386,13 @@ class Transformer(nnx.Module):
         inv_freq = self.inv_freq[...]
         rope = rope_tables(positions[None], inv_freq)
         x = self.embed(tokens[None])[0]
+        fused = cpu_layer.applies(self, x, pages)  # w8a8 on CPU: a layer per native call
         new_pages = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer.paged(x, positions, inv_freq, pages[i], meta, fn, rope)
+            if fused:
+                x, kv = cpu_layer.paged_block(layer, x, rope, pages[i], meta)
+            else:
+                x, kv = layer.paged(x, positions, inv_freq, pages[i], meta, fn, rope)
             new_pages.append(kv)
         return self.head(x[logits_index][None])[0], tuple(new_pages)
 

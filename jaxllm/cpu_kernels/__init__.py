@@ -51,6 +51,9 @@ _SOURCES = [
         "int8_gemm.cc",
         "int8_gemm.h",
         "argmax.cc",
+        "layer.cc",
+        "paged_attention.h",
+        "w8a8.h",
         "pool.h",
         "vec.h",
     )
@@ -158,6 +161,7 @@ def available() -> bool:
                         "JaxllmQMatVec4",
                         "JaxllmW8A8Dot",
                         "JaxllmArgmax",  # greedy sampling
+                        "JaxllmW8A8Layer",  # a whole w8a8 layer (jaxllm.quant.cpu_layer)
                     ):
                         jax.ffi.register_ffi_target(
                             name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"

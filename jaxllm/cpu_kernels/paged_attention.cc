@@ -28,6 +28,7 @@
 #include <cstring>
 #include <vector>
 
+#include "paged_attention.h"
 #include "pool.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
@@ -307,23 +308,11 @@ Problem<Pages> MakeProblem(ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k_pages,
                         out->typed_data(), qd[1], qd[2], qd[3], kd[1], kd[2], bd[1], scale};
 }
 
+// Every item of the step: rows past a sequence's tokens (and those of no sequence) are zero.
+// s: the sequence slots in use (clamped to block_tables' rows by the caller).
 template <typename Pages>
-ffi::Error Solve(Problem<Pages>& p, ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k_pages,
-                 ffi::Buffer<ffi::S32>& block_tables, ffi::Buffer<ffi::S32>& num_seqs,
-                 ffi::ResultBuffer<ffi::F32>& out) {
-  auto qd = q.dimensions();
-  auto kd = k_pages.dimensions();
-  auto bd = block_tables.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || bd.size() != 2) {
-    return ffi::Error::InvalidArgument("JaxllmPagedAttention: q [T,K,G,D], pages [K,P,page,D]");
-  }
-  const int64_t t = qd[0];
-  if (p.g > kMaxG || p.page > kMaxPage || kd[0] != p.kh || kd[3] != p.d ||
-      p.d % kLanes != 0 || p.d > kMaxD) {
-    return ffi::Error::InvalidArgument("JaxllmPagedAttention: unsupported shapes");
-  }
-  std::memset(p.out, 0, out->size_bytes());
-  const int64_t s = std::min<int64_t>(num_seqs.typed_data()[0], bd[0]);
+void Attend(const Problem<Pages>& p, int64_t t, int64_t s) {
+  std::memset(p.out, 0, static_cast<size_t>(t * p.kh * p.g * p.d) * sizeof(float));
   std::vector<Item> items;
   for (int32_t si = 0; si < s; ++si) {
     const int32_t q_len = p.cu[si + 1] - p.cu[si];
@@ -356,6 +345,26 @@ ffi::Error Solve(Problem<Pages>& p, ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k_
   } else {
     JaxllmGetPool().Run(task);
   }
+}
+
+bool Supported(int64_t g, int64_t page, int64_t d) {
+  return g <= kMaxG && page <= kMaxPage && d % kLanes == 0 && d <= kMaxD;
+}
+
+template <typename Pages>
+ffi::Error Solve(Problem<Pages>& p, ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k_pages,
+                 ffi::Buffer<ffi::S32>& block_tables, ffi::Buffer<ffi::S32>& num_seqs,
+                 ffi::ResultBuffer<ffi::F32>& out) {
+  auto qd = q.dimensions();
+  auto kd = k_pages.dimensions();
+  auto bd = block_tables.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || bd.size() != 2) {
+    return ffi::Error::InvalidArgument("JaxllmPagedAttention: q [T,K,G,D], pages [K,P,page,D]");
+  }
+  if (!Supported(p.g, p.page, p.d) || kd[0] != p.kh || kd[3] != p.d) {
+    return ffi::Error::InvalidArgument("JaxllmPagedAttention: unsupported shapes");
+  }
+  Attend(p, qd[0], std::min<int64_t>(num_seqs.typed_data()[0], bd[0]));
   return ffi::Error::Success();
 }
 
@@ -391,6 +400,26 @@ ffi::Error PagedAttentionS8(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
 }
 
 }  // namespace
+
+bool JaxllmRaggedAttention(const JaxllmRaggedArgs& a) {
+  if (!Supported(a.g, a.page, a.d)) return false;
+  auto run = [&a](auto tag) {
+    using Pages = decltype(tag);
+    Problem<Pages> p{a.q, static_cast<const typename Pages::T*>(a.k),
+                     static_cast<const typename Pages::T*>(a.v), a.kv_lens, a.tables, a.cu, a.out,
+                     a.kh, a.g, a.d, a.pages, a.page, a.maxp, a.scale};
+    p.k_scales = a.k_scales;
+    p.v_scales = a.v_scales;
+    Attend(p, a.t, a.num_seqs);
+  };
+  switch (a.type) {
+    case JaxllmPageType::kF32: run(F32Pages{}); break;
+    case JaxllmPageType::kF16: run(F16Pages{}); break;
+    case JaxllmPageType::kBF16: run(BF16Pages{}); break;
+    case JaxllmPageType::kS8: run(S8Pages{}); break;
+  }
+  return true;
+}
 
 #define JAXLLM_PAGED_HANDLER(name, pages)                                     \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, PagedAttention<pages>,                  \

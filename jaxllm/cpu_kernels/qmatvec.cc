@@ -28,6 +28,7 @@
 
 #include "int8_gemm.h"
 #include "pool.h"
+#include "w8a8.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -347,6 +348,16 @@ ffi::Error W8A8Dot(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::ResultB
 }
 
 }  // namespace
+
+void JaxllmQuantizeRows(const float* x, int64_t k, int64_t groups, int8_t* q, float* s,
+                        int64_t r0, int64_t r1) {
+  QuantizeRows(x, k, groups, q, s, r0, r1);
+}
+
+void JaxllmW8A8Product(const int8_t* q, const float* s, const int8_t* w, float* y, int64_t rows,
+                       int64_t k, int64_t n, int64_t groups) {
+  GroupProduct(q, s, w, y, rows, k, n, groups);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatVec8, QMatVec8,
                               ffi::Ffi::Bind()
