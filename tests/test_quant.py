@@ -110,7 +110,7 @@ def test_per_token_int8_product_is_exact_integer_arithmetic(k):
     row scale rounded once to float32. On CPU the native kernels (`qmatvec.cc` for 1-3 rows,
     `int8_gemm.cc`'s column panels from 4, with a partial panel of 6 of 70 columns and
     partial blocks of rows) and XLA's int8 dot (`int8_matmul`), with the weight codes -128
-    and 127 and activation codes +-127."""
+    and 127 and activation codes +-127; then the channel scales applied in the kernel."""
     from jaxllm.quant.matmul import _native_int8, int8_matmul, native_w8a8
 
     rng = np.random.default_rng(9)
@@ -129,6 +129,11 @@ def test_per_token_int8_product_is_exact_integer_arithmetic(k):
                 jax.jit(native_w8a8, static_argnums=2)(jnp.asarray(x), jnp.asarray(w), 1)
             )
             np.testing.assert_array_equal(y, (ints * xs.astype(np.float64)).astype(np.float32))
+            # the channel scales in the kernel's epilogue: one more float32 rounding
+            cs = rng.uniform(0.5, 2.0, 70).astype(np.float32)
+            f = jax.jit(native_w8a8, static_argnums=2)
+            ys = np.asarray(f(jnp.asarray(x), jnp.asarray(w), 1, jnp.asarray(cs)))
+            np.testing.assert_array_equal(ys, y * cs)
 
 
 # VNNI groups (multiples of 64), scalar ones (32), one group per row (256)

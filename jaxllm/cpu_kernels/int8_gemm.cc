@@ -62,6 +62,7 @@ struct Gemm {
   const int8_t* w;    // [N, K]
   float* y;           // [M, N]
   int64_t m, k, n, groups;
+  const float* colscale;  // [N] or null: y's columns multiplied by it (one more rounding)
 };
 
 // Columns n0..n0+31 of W (zeros past N) into panel [K/4][32] dwords, and 128 * the sum of
@@ -137,6 +138,14 @@ void Block(const Gemm& g, const uint8_t* panel, const int32_t* wsum, int64_t n0,
   const int64_t cols = std::min<int64_t>(kCols, g.n - n0);
   const __mmask16 m0mask = cols >= 16 ? 0xFFFF : (1u << cols) - 1;
   const __mmask16 m1mask = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (1u << (cols - 16)) - 1;
+  if (g.colscale != nullptr) {
+    const __m512 c0 = _mm512_maskz_loadu_ps(m0mask, g.colscale + n0);
+    const __m512 c1 = _mm512_maskz_loadu_ps(m1mask, g.colscale + n0 + 16);
+    for (int r = 0; r < R; ++r) {
+      facc[r][0] = _mm512_mul_ps(facc[r][0], c0);
+      facc[r][1] = _mm512_mul_ps(facc[r][1], c1);
+    }
+  }
   for (int r = 0; r < R; ++r) {
     float* y = g.y + (m0 + r) * g.n + n0;
     _mm512_mask_storeu_ps(y, m0mask, facc[r][0]);
@@ -185,14 +194,14 @@ bool Run(const Gemm& g) {
 }  // namespace
 
 bool JaxllmInt8GroupGemm(const int8_t* x, const float* xs, const int8_t* w, float* y, int64_t m,
-                         int64_t k, int64_t n, int64_t groups) {
-  return Run(Gemm{x, xs, w, y, m, k, n, groups});
+                         int64_t k, int64_t n, int64_t groups, const float* colscale) {
+  return Run(Gemm{x, xs, w, y, m, k, n, groups, colscale});
 }
 
 #else  // no AVX512-VNNI: the callers keep their own kernels
 
 bool JaxllmInt8GroupGemm(const int8_t*, const float*, const int8_t*, float*, int64_t, int64_t,
-                         int64_t, int64_t) {
+                         int64_t, int64_t, const float*) {
   return false;
 }
 

@@ -5,10 +5,12 @@
 //   JaxllmW8A8Layer(x [T, E], attn_norm [E], qkv [Nq, E] s8, qkv_scale [Nq],
 //                   o [E, HD] s8, o_scale [E], mlp_norm [E], gate_up [2M, E] s8,
 //                   gate_up_scale [2M], down [E, M] s8, down_scale [E], cos, sin [T, D/2],
-//                   k_pages, v_pages [K, P, page, D], slot_mapping [T], kv_lens [S],
+//                   k_pages, v_pages [K, P, page, D], k_scales, v_scales [K, P, page] (int8
+//                   pages; empty otherwise), slot_mapping [T], kv_lens [S],
 //                   block_tables [S, maxp], cu_q_lens [S + 1], num_seqs [1];
 //                   eps, sm_scale, group)
-//     -> y [T, E], k_pages, v_pages (the pages aliased to the inputs: written in place)
+//     -> y [T, E], k_pages, v_pages, k_scales, v_scales (aliased to the inputs: written in
+//        place)
 //
 // It computes what jaxllm.model.Block.paged computes with w8a8 QuantizedLinears (per-channel
 // int8 weights, activations quantized per token per `group` inputs): RMSNorm, the fused QKV
@@ -20,9 +22,10 @@
 // graph to rounding, not bit for bit.
 //
 // Only the step's tokens are computed: rows from cu_q_lens[num_seqs] on (the bucket's
-// padding) come out zero and write nothing. Pages are float32, float16 or bfloat16 held as
-// uint16 bits (jaxllm.quant.kv_bits); slots outside the pool are dropped, as the XLA
-// scatter drops them.
+// padding) come out zero and write nothing. Pages are float32, float16, bfloat16 held as
+// uint16 bits (jaxllm.quant.kv_bits) or int8 codes with a scale per token per KV head
+// (jaxllm.quant.kv.QuantizedKV); slots outside the pool are dropped, as the XLA scatter drops
+// them.
 
 #include <algorithm>
 #include <cmath>
@@ -55,6 +58,7 @@ struct Layer {
   const float *cos, *sin;
   const int8_t *qkv, *o, *gu, *down;
   void *k_pages, *v_pages;
+  float *k_scales, *v_scales;  // int8 pages: one scale per token per KV head
   JaxllmPageType type;
   const int32_t *slots, *kv_lens, *tables, *cu;
   float* y;
@@ -161,18 +165,34 @@ struct Bfloat16Store {
   }
 };
 
+// One key or value vector v [d] into its page slot dst: rounded to float16 or bfloat16, or
+// (int8 pages) to int8 codes with the vector's scale, as jaxllm.quant.kv.quantize_kv: scale
+// = max|v| * (1/127) (1 for a zero vector), codes = v / scale rounded half to even.
 template <typename T>
-void StoreVec(T* dst, Vec v, JaxllmPageType type) {
+void WriteVector(T* dst, const float* v, int64_t d, JaxllmPageType type, float* scale) {
   if constexpr (sizeof(T) == 4) {
-    StoreAs(dst, v);
-  } else if (type == JaxllmPageType::kF16) {
-    HalfStore::Store(dst, v);
+    std::memcpy(dst, v, d * sizeof(float));
+  } else if constexpr (sizeof(T) == 1) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(v[i]));
+    const float sc = amax > 0.0f ? amax * (1.0f / 127.0f) : 1.0f;
+    *scale = sc;
+    for (int64_t i = 0; i < d; ++i) {
+      const float c = std::nearbyint(v[i] / sc);
+      dst[i] = static_cast<int8_t>(std::min(std::max(c, -127.0f), 127.0f));
+    }
   } else {
-    Bfloat16Store::Store(dst, v);
+    for (int64_t i = 0; i < d; i += kLanes) {
+      if (type == JaxllmPageType::kF16) {
+        HalfStore::Store(dst + i, Load(v + i));
+      } else {
+        Bfloat16Store::Store(dst + i, Load(v + i));
+      }
+    }
   }
 }
 
-// Row r's product scaled per channel; queries and key roped (rotate-half) with the row's
+// Row r's product (scaled per channel); queries and key roped (rotate-half) with the row's
 // tables; queries to q [n, K, G, D], key and value into their pages at the row's slot.
 template <typename T>
 void QkvRow(const Layer& a, const float* qkv_row, int64_t r, float* q) {
@@ -181,42 +201,38 @@ void QkvRow(const Layer& a, const float* qkv_row, int64_t r, float* q) {
   const float* sn = a.sin + r * half;
   const int64_t slot = a.slots[r];
   const bool write = slot >= 0 && slot < a.pages * a.page;
-  T* kp = static_cast<T*>(a.k_pages);
-  T* vp = static_cast<T*>(a.v_pages);
   for (int64_t h = 0; h < a.kh; ++h) {
+    const int64_t at = h * a.pages * a.page + slot;  // the slot in this head's pages
     for (int64_t j = 0; j < g + 2; ++j) {
+      if (j >= g && !write) continue;
       const int64_t c = (h * (g + 2) + j) * d;
       const float* src = qkv_row + c;
-      const float* sc = a.qkv_scale + c;
-      if (j == g + 1) {  // the value
-        if (!write) continue;
-        T* dst = vp + (h * a.pages * a.page + slot) * d;
+      float vec[256];  // head_dim <= 256
+      if (j == g + 1) {  // the value: no rotation
         for (int64_t i = 0; i < d; i += kLanes) {
-          StoreVec(dst + i, Load(src + i) * Load(sc + i), a.type);
+          const Vec v = Load(src + i);
+          std::memcpy(vec + i, &v, sizeof(Vec));
         }
+        WriteVector(static_cast<T*>(a.v_pages) + at * d, vec, d, a.type, a.v_scales + at);
         continue;
       }
-      if (j == g && !write) continue;
-      float rot[256];  // head_dim <= 256
       int64_t i = 0;
       for (; i + kLanes <= half; i += kLanes) {
-        const Vec x1 = Load(src + i) * Load(sc + i);
-        const Vec x2 = Load(src + half + i) * Load(sc + half + i);
+        const Vec x1 = Load(src + i), x2 = Load(src + half + i);
         const Vec c1 = Load(cs + i), s1 = Load(sn + i);
         const Vec lo = x1 * c1 - x2 * s1, hi = x2 * c1 + x1 * s1;
-        std::memcpy(rot + i, &lo, sizeof(Vec));
-        std::memcpy(rot + half + i, &hi, sizeof(Vec));
+        std::memcpy(vec + i, &lo, sizeof(Vec));
+        std::memcpy(vec + half + i, &hi, sizeof(Vec));
       }
       for (; i < half; ++i) {  // head_dim 16: half a vector
-        const float x1 = src[i] * sc[i], x2 = src[half + i] * sc[half + i];
-        rot[i] = x1 * cs[i] - x2 * sn[i];
-        rot[half + i] = x2 * cs[i] + x1 * sn[i];
+        const float x1 = src[i], x2 = src[half + i];
+        vec[i] = x1 * cs[i] - x2 * sn[i];
+        vec[half + i] = x2 * cs[i] + x1 * sn[i];
       }
       if (j < g) {
-        std::memcpy(q + ((r * a.kh + h) * g + j) * d, rot, d * sizeof(float));
+        std::memcpy(q + ((r * a.kh + h) * g + j) * d, vec, d * sizeof(float));
       } else {
-        T* dst = kp + (h * a.pages * a.page + slot) * d;
-        for (int64_t c0 = 0; c0 < d; c0 += kLanes) StoreVec(dst + c0, Load(rot + c0), a.type);
+        WriteVector(static_cast<T*>(a.k_pages) + at * d, vec, d, a.type, a.k_scales + at);
       }
     }
   }
@@ -251,11 +267,11 @@ void RunLayer(const Layer& a) {
     for (int64_t r = r0; r < r1; ++r) NormRow(a.x + r * e, a.attn_norm, e, a.eps, h + r * e);
     JaxllmQuantizeRows(h, e, e / grp, codes, scales, r0, r1);
   });
-  JaxllmW8A8Product(codes, scales, a.qkv, qkv, n, e, nq, e / grp);
+  JaxllmW8A8Product(codes, scales, a.qkv, qkv, n, e, nq, e / grp, a.qkv_scale);
   ForRows(n, nq, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) QkvRow<T>(a, qkv + r * nq, r, q);
   });
-  JaxllmRaggedAttention(JaxllmRaggedArgs{a.type, q, a.k_pages, a.v_pages, nullptr, nullptr,
+  JaxllmRaggedAttention(JaxllmRaggedArgs{a.type, q, a.k_pages, a.v_pages, a.k_scales, a.v_scales,
                                          a.kv_lens, a.tables, a.cu, att, n, a.kh, a.g, a.d,
                                          a.pages, a.page, a.maxp, a.num_seqs, a.sm_scale});
 
@@ -263,11 +279,11 @@ void RunLayer(const Layer& a) {
   ForRows(n, hd, [&](int64_t r0, int64_t r1) {
     JaxllmQuantizeRows(att, hd, hd / grp, codes, scales, r0, r1);
   });
-  JaxllmW8A8Product(codes, scales, a.o, h, n, hd, e, hd / grp);
+  JaxllmW8A8Product(codes, scales, a.o, h, n, hd, e, hd / grp, a.o_scale);
   ForRows(n, e, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t i = 0; i < e; i += kLanes) {
-        const Vec v = Load(a.x + r * e + i) + Load(h + r * e + i) * Load(a.o_scale + i);
+        const Vec v = Load(a.x + r * e + i) + Load(h + r * e + i);
         std::memcpy(x1 + r * e + i, &v, sizeof(Vec));
       }
       NormRow(x1 + r * e, a.mlp_norm, e, a.eps, h + r * e);
@@ -276,13 +292,12 @@ void RunLayer(const Layer& a) {
   });
 
   // MLP: gate/up product, SwiGLU, quantize, down product plus the residual.
-  JaxllmW8A8Product(codes, scales, a.gu, gu, n, e, 2 * m, e / grp);
+  JaxllmW8A8Product(codes, scales, a.gu, gu, n, e, 2 * m, e / grp, a.gu_scale);
   ForRows(n, 2 * m, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* gr = gu + r * 2 * m;
       for (int64_t i = 0; i < m; i += kLanes) {
-        const Vec z = Load(gr + i) * Load(a.gu_scale + i);
-        const Vec up = Load(gr + m + i) * Load(a.gu_scale + m + i);
+        const Vec z = Load(gr + i), up = Load(gr + m + i);
         const Vec sig = 1.0f / (1.0f + ExpAll(-z));
         const Vec v = (z * sig) * up;
         std::memcpy(act + r * m + i, &v, sizeof(Vec));
@@ -290,11 +305,11 @@ void RunLayer(const Layer& a) {
     }
     JaxllmQuantizeRows(act, m, m / grp, codes, scales, r0, r1);
   });
-  JaxllmW8A8Product(codes, scales, a.down, h, n, m, e, m / grp);
+  JaxllmW8A8Product(codes, scales, a.down, h, n, m, e, m / grp, a.down_scale);
   ForRows(n, e, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t i = 0; i < e; i += kLanes) {
-        const Vec v = Load(x1 + r * e + i) + Load(h + r * e + i) * Load(a.down_scale + i);
+        const Vec v = Load(x1 + r * e + i) + Load(h + r * e + i);
         std::memcpy(a.y + r * e + i, &v, sizeof(Vec));
       }
     }
@@ -313,11 +328,12 @@ ffi::Error W8A8Layer(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> attn_norm,
                      ffi::Buffer<ffi::F32> gu_scale, ffi::Buffer<ffi::S8> down,
                      ffi::Buffer<ffi::F32> down_scale, ffi::Buffer<ffi::F32> cos,
                      ffi::Buffer<ffi::F32> sin, ffi::AnyBuffer, ffi::AnyBuffer,
-                     ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> kv_lens,
+                     ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::S32> kv_lens,
                      ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> cu,
                      ffi::Buffer<ffi::S32> num_seqs, float eps, float sm_scale, int64_t group,
                      ffi::ResultBuffer<ffi::F32> y, ffi::Result<ffi::AnyBuffer> k_out,
-                     ffi::Result<ffi::AnyBuffer> v_out) {
+                     ffi::Result<ffi::AnyBuffer> v_out, ffi::ResultBuffer<ffi::F32> ks_out,
+                     ffi::ResultBuffer<ffi::F32> vs_out) {
   auto xd = x.dimensions();
   auto kd = k_out->dimensions();
   auto td = tables.dimensions();
@@ -354,7 +370,13 @@ ffi::Error W8A8Layer(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> attn_norm,
     case ffi::F32: a.type = JaxllmPageType::kF32; break;
     case ffi::F16: a.type = JaxllmPageType::kF16; break;
     case ffi::U16: a.type = JaxllmPageType::kBF16; break;
-    default: return Fail("pages of float32, float16 or uint16 (bfloat16 bits)");
+    case ffi::S8: a.type = JaxllmPageType::kS8; break;
+    default: return Fail("pages of float32, float16, uint16 (bfloat16 bits) or int8");
+  }
+  const int64_t slots_total = a.kh * a.pages * a.page;
+  const bool scaled = a.type == JaxllmPageType::kS8;
+  if (count(*ks_out) != (scaled ? slots_total : 0) || count(*vs_out) != count(*ks_out)) {
+    return Fail("int8 pages need scales [K, P, page] (other pages: empty ones)");
   }
   if (v_out->element_type() != k_out->element_type()) return Fail("k and v pages differ");
   a.x = x.typed_data();
@@ -372,6 +394,8 @@ ffi::Error W8A8Layer(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> attn_norm,
   a.sin = sin.typed_data();
   a.k_pages = k_out->untyped_data();  // aliased to the input pages: XLA passes them in place
   a.v_pages = v_out->untyped_data();
+  a.k_scales = scaled ? ks_out->typed_data() : nullptr;
+  a.v_scales = scaled ? vs_out->typed_data() : nullptr;
   a.slots = slots.typed_data();
   a.kv_lens = kv_lens.typed_data();
   a.tables = tables.typed_data();
@@ -384,6 +408,8 @@ ffi::Error W8A8Layer(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> attn_norm,
   a.sm_scale = sm_scale;
   if (a.type == JaxllmPageType::kF32) {
     RunLayer<float>(a);
+  } else if (scaled) {
+    RunLayer<int8_t>(a);
   } else {
     RunLayer<uint16_t>(a);
   }
@@ -409,6 +435,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmW8A8Layer, W8A8Layer,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sin
                                   .Arg<ffi::AnyBuffer>()         // k_pages (aliased)
                                   .Arg<ffi::AnyBuffer>()         // v_pages (aliased)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_scales (aliased)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_scales (aliased)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slot_mapping
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
                                   .Arg<ffi::Buffer<ffi::S32>>()  // block_tables
@@ -419,4 +447,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmW8A8Layer, W8A8Layer,
                                   .Attr<int64_t>("group")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -8,7 +8,8 @@
 //   JaxllmW8A8Dot:  y[R, N] = sum over groups g of xs[R, g] * (x_g @ W_g^T), float32: w8a8.
 //                   x float32 [R, K] is quantized here per row per group (attribute
 //                   `groups`; 1: per row) to int8 codes x_g with scales xs, W int8 [N, K];
-//                   each group's integer product is exact
+//                   each group's integer product is exact. Then y's columns times
+//                   scale f32 [N] (the weights' per-channel scales), unless it is empty
 //
 // G groups of K / G inputs share a scale. XLA:CPU converts quantized weights to float before
 // a dot, so a batch-1 step would read each weight once as codes and twice more as floats;
@@ -177,6 +178,7 @@ struct GroupDotJob {
   const int8_t* w;
   float* y;
   int64_t rows, k, n, groups;
+  const float* colscale;  // [N] or null
 };
 
 template <int RB>
@@ -201,7 +203,8 @@ void GroupDotBlock(const GroupDotJob& job, int64_t j, int64_t r0) {
         out[r] = std::fma(exact, s0[r * job.groups + gi], out[r]);
       }
     }
-    for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = out[r];
+    const float c = job.colscale != nullptr ? job.colscale[j] : 1.0f;
+    for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = out[r] * c;
     return;
   }
 #endif
@@ -214,7 +217,8 @@ void GroupDotBlock(const GroupDotJob& job, int64_t j, int64_t r0) {
       out[r] = std::fma(static_cast<float>(dot), s0[r * job.groups + gi], out[r]);
     }
   }
-  for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = out[r];
+  const float c = job.colscale != nullptr ? job.colscale[j] : 1.0f;
+  for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = out[r] * c;
 }
 
 void GroupDotRows(const GroupDotJob& job, int64_t j0, int64_t j1) {
@@ -318,17 +322,23 @@ void QuantizeRows(const float* x, int64_t k, int64_t groups, int8_t* q, float* s
 // y[R, N] = sum over groups of xs * (x_g @ w_g^T), x int8 codes: int8_gemm.cc from
 // kGemmRows rows, the few-row kernel below that.
 void GroupProduct(const int8_t* x, const float* xs, const int8_t* w, float* y, int64_t rows,
-                  int64_t k, int64_t n, int64_t groups) {
-  if (rows >= kGemmRows && JaxllmInt8GroupGemm(x, xs, w, y, rows, k, n, groups)) return;
-  Run(GroupDotJob{x, xs, w, y, rows, k, n, groups}, GroupDotRows);
+                  int64_t k, int64_t n, int64_t groups, const float* colscale) {
+  if (rows >= kGemmRows && JaxllmInt8GroupGemm(x, xs, w, y, rows, k, n, groups, colscale)) {
+    return;
+  }
+  Run(GroupDotJob{x, xs, w, y, rows, k, n, groups, colscale}, GroupDotRows);
 }
 
-ffi::Error W8A8Dot(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::F32> y,
-                   int64_t groups) {
+ffi::Error W8A8Dot(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t groups) {
   const int64_t n = w.dimensions()[0], k = w.dimensions()[1];
   const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
   if (groups <= 0 || k % groups != 0) {
     return ffi::Error::InvalidArgument("JaxllmW8A8Dot: groups must divide K");
+  }
+  const int64_t scales = static_cast<int64_t>(scale.element_count());
+  if (scales != 0 && scales != n) {
+    return ffi::Error::InvalidArgument("JaxllmW8A8Dot: scale [N] or empty");
   }
   // Per call, not per thread: XLA may run two of these at once on different threads.
   std::vector<int8_t> q(rows * k);
@@ -343,7 +353,8 @@ ffi::Error W8A8Dot(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::ResultB
     };
     JaxllmGetPool().Run(task);
   }
-  GroupProduct(q.data(), s.data(), w.typed_data(), y->typed_data(), rows, k, n, groups);
+  GroupProduct(q.data(), s.data(), w.typed_data(), y->typed_data(), rows, k, n, groups,
+               scales != 0 ? scale.typed_data() : nullptr);
   return ffi::Error::Success();
 }
 
@@ -355,8 +366,8 @@ void JaxllmQuantizeRows(const float* x, int64_t k, int64_t groups, int8_t* q, fl
 }
 
 void JaxllmW8A8Product(const int8_t* q, const float* s, const int8_t* w, float* y, int64_t rows,
-                       int64_t k, int64_t n, int64_t groups) {
-  GroupProduct(q, s, w, y, rows, k, n, groups);
+                       int64_t k, int64_t n, int64_t groups, const float* colscale) {
+  GroupProduct(q, s, w, y, rows, k, n, groups, colscale);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatVec8, QMatVec8,
@@ -379,5 +390,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmW8A8Dot, W8A8Dot,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("groups"));

@@ -10,6 +10,7 @@ void JaxllmQuantizeRows(const float* x, int64_t k, int64_t groups, int8_t* q, fl
                         int64_t r0, int64_t r1);
 
 // y[rows, n] = sum over groups g of s[:, g] * (q_g @ w_g^T), each group's integer product
-// exact; w int8 [n, k]. Runs on the pool (do not call from inside a pool task).
+// exact, then times colscale [n] per column unless it is null; w int8 [n, k]. Runs on the
+// pool (do not call from inside a pool task).
 void JaxllmW8A8Product(const int8_t* q, const float* s, const int8_t* w, float* y, int64_t rows,
-                       int64_t k, int64_t n, int64_t groups);
+                       int64_t k, int64_t n, int64_t groups, const float* colscale);

@@ -73,8 +73,11 @@ def step_impl(
     *, logprobs_k: int, prompt_k: int, penalties: bool,
 ):  # fmt: skip
     model = nnx.merge(graphdef, state)
-    logits, pages = model.forward_paged(tokens, positions, pages, meta, logits_index)
-    rows = logits[draw["row"]]
+    if prompt_k < 0:  # the draws' hidden rows go to the head, not [S, V] logits to a gather
+        rows, pages = model.forward_paged(tokens, positions, pages, meta, logits_index[draw["row"]])
+    else:
+        logits, pages = model.forward_paged(tokens, positions, pages, meta, logits_index)
+        rows = logits[draw["row"]]
     adjusted = rows
     if penalties:
         adjusted = apply_penalties(

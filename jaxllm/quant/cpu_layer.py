@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import cpu_kernels
+from jaxllm.quant.kv import QuantizedKV
 from jaxllm.quant.kv_bits import Bfloat16Bits
 from jaxllm.quant.layers import QuantizedLinear
 
@@ -78,19 +79,26 @@ def block_group(block: Any) -> int | None:
     return group
 
 
-def _page_arrays(pages: Any) -> tuple[jax.Array, jax.Array] | None:
+def _page_arrays(pages: Any) -> tuple[jax.Array, ...] | None:
+    """(k, v, k_scales, v_scales) as the kernel takes them (scales empty but for int8)."""
     k, v = pages
+    if isinstance(k, QuantizedKV) and isinstance(v, QuantizedKV):
+        scales = (k.scale, v.scale)
+        if k.values.dtype != jnp.int8 or any(s.dtype != jnp.float32 for s in scales):
+            return None
+        return k.values, v.values, *scales
+    none = jnp.zeros((0,), jnp.float32)
     if isinstance(k, Bfloat16Bits) and isinstance(v, Bfloat16Bits):
-        return k.bits, v.bits
+        return k.bits, v.bits, none, none
     if isinstance(k, jax.Array) and isinstance(v, jax.Array) and k.dtype == v.dtype:
-        return (k, v) if k.dtype in _PAGE_DTYPES else None
+        return (k, v, none, none) if k.dtype in _PAGE_DTYPES else None
     return None
 
 
 def applies(model: Any, x: jax.Array, pages: Any) -> bool:
     """Whether `Transformer.forward_paged` runs its layers fused: on CPU with the kernels
     built, the `xla` attention backend, float32 activations, every layer w8a8 with one
-    activation group, float32/float16/bfloat16 pages (not int8), and shapes the kernel takes.
+    activation group, float32/float16/bfloat16/int8 pages, and shapes the kernel takes.
     `enabled()` says whether it may."""
     from jaxllm.attention import resolve_backend
 
@@ -123,7 +131,7 @@ def paged_block(
     `rope_tables` ([1, T, D/2] each), pages (k, v) [K, P, page, D], meta a `PagedMeta`.
     Returns the layer's output [T, E] (zero in padding rows) and the updated pages."""
     attn, mlp = block.attn, block.mlp
-    k, v = _page_arrays(pages)
+    k, v, ks, vs = _page_arrays(pages)
     t, e = x.shape
 
     def codes_scale(lin):
@@ -134,8 +142,11 @@ def paged_block(
         jax.ShapeDtypeStruct((t, e), jnp.float32),
         jax.ShapeDtypeStruct(k.shape, k.dtype),
         jax.ShapeDtypeStruct(v.shape, v.dtype),
+        jax.ShapeDtypeStruct(ks.shape, ks.dtype),
+        jax.ShapeDtypeStruct(vs.shape, vs.dtype),
     )
-    y, k, v = jax.ffi.ffi_call("JaxllmW8A8Layer", out_types, input_output_aliases={13: 1, 14: 2})(
+    aliases = {13: 1, 14: 2, 15: 3, 16: 4}
+    y, k, v, ks, vs = jax.ffi.ffi_call("JaxllmW8A8Layer", out_types, input_output_aliases=aliases)(
         x,
         block.attn_norm.weight[...],
         *codes_scale(attn.qkv),
@@ -147,6 +158,8 @@ def paged_block(
         sin,
         k,
         v,
+        ks,
+        vs,
         meta.slot_mapping.astype(jnp.int32),
         meta.kv_lens.astype(jnp.int32),
         meta.block_tables.astype(jnp.int32),
@@ -156,6 +169,8 @@ def paged_block(
         sm_scale=np.float32(attn.head_dim**-0.5),
         group=np.int64(attn.qkv.activation_group),
     )
+    if isinstance(pages[0], QuantizedKV):
+        return y, (QuantizedKV(k, ks), QuantizedKV(v, vs))
     if isinstance(pages[0], Bfloat16Bits):
         return y, (Bfloat16Bits(k), Bfloat16Bits(v))
     return y, (k, v)
