@@ -162,6 +162,28 @@ inline Vec Exp(Vec x) {
   return Select(dead, Vec{}, p * scale);
 }
 
+// acc[q] += sum over the chunk's nk keys j of e[q][j] * v_j, NQ queries of NV vectors each
+// held in registers across the keys.
+template <typename Pages, int NV, int NQ>
+inline void DecodeValues(const typename Pages::T* vp, int64_t d, int64_t nk, const Vec* e,
+                         Vec* acc) {
+  Vec a[NQ][NV];
+  for (int q = 0; q < NQ; ++q) {
+    for (int v = 0; v < NV; ++v) a[q][v] = acc[q * NV + v];
+  }
+  for (int64_t j = 0; j < nk; ++j) {
+    Vec row[NV];
+    for (int v = 0; v < NV; ++v) row[v] = Pages::Load(vp + j * d + v * kLanes);
+    for (int q = 0; q < NQ; ++q) {
+      const Vec ej = Vec{} + e[q][j];
+      for (int v = 0; v < NV; ++v) a[q][v] += ej * row[v];
+    }
+  }
+  for (int q = 0; q < NQ; ++q) {
+    for (int v = 0; v < NV; ++v) acc[q * NV + v] = a[q][v];
+  }
+}
+
 // One item: its rows * G query vectors walk the sequence's pages in chunks of kLanes keys.
 // Each key and value vector is read (and widened from a half-width page) once per chunk and
 // used for every query of the item; each chunk's scores come out as one vector per query
@@ -264,6 +286,20 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
       // Values: the chunk is widened once into vbuf, and each query's accumulators stay in
       // registers across the chunk's keys (a store per vector per chunk, not per key: with
       // the accumulators in memory the stores bounded the loop).
+      if constexpr (NV > 0) {
+        // A decode item's few queries (rows 1, G * NV <= 16 accumulators): every query sees
+        // every key, so each value vector is widened once and used by all of them from
+        // registers.
+        if (it.rows == 1 && nq * NV <= 16) {
+          switch (nq) {
+            case 1: DecodeValues<Pages, NV, 1>(vp, d, nk, evp, accp); continue;
+            case 2: DecodeValues<Pages, NV, 2>(vp, d, nk, evp, accp); continue;
+            case 3: DecodeValues<Pages, NV, 3>(vp, d, nk, evp, accp); continue;
+            case 4: DecodeValues<Pages, NV, 4>(vp, d, nk, evp, accp); continue;
+            default: break;
+          }
+        }
+      }
       for (int64_t j = 0; j < nk; ++j) {
         for (int64_t v = 0; v < nv; ++v) vbufp[j * nv + v] = Pages::Load(vp + j * d + v * kLanes);
       }
