@@ -165,7 +165,7 @@ inline Vec Exp(Vec x) {
 // acc[q] += sum over the chunk's nk keys j of e[q][j] * v_j, NQ queries of NV vectors each
 // held in registers across the keys.
 template <typename Pages, int NV, int NQ>
-inline void DecodeValues(const typename Pages::T* vp, int64_t d, int64_t nk, const Vec* e,
+inline void QueryBlockValues(const typename Pages::T* vp, int64_t d, int64_t nk, const Vec* e,
                          Vec* acc) {
   Vec a[NQ][NV];
   for (int q = 0; q < NQ; ++q) {
@@ -287,18 +287,21 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
       // registers across the chunk's keys (a store per vector per chunk, not per key: with
       // the accumulators in memory the stores bounded the loop).
       if constexpr (NV > 0) {
-        // A decode item's few queries (rows 1, G * NV <= 16 accumulators): every query sees
-        // every key, so each value vector is widened once and used by all of them from
-        // registers.
-        if (it.rows == 1 && nq * NV <= 16) {
-          switch (nq) {
-            case 1: DecodeValues<Pages, NV, 1>(vp, d, nk, evp, accp); continue;
-            case 2: DecodeValues<Pages, NV, 2>(vp, d, nk, evp, accp); continue;
-            case 3: DecodeValues<Pages, NV, 3>(vp, d, nk, evp, accp); continue;
-            case 4: DecodeValues<Pages, NV, 4>(vp, d, nk, evp, accp); continue;
-            default: break;
+        // Blocks of up to 16 / NV queries accumulate in registers, each value vector widened
+        // once per block (a query whose row precedes the chunk adds zeros: its e is 0 and
+        // every key below the item's last row is written, so finite).
+        constexpr int64_t kBlock = 16 / NV;
+        for (int64_t q0 = 0; q0 < nq; q0 += kBlock) {
+          const Vec* e = evp + q0;
+          Vec* acc = accp + q0 * NV;
+          switch (std::min(kBlock, nq - q0)) {
+            case 1: QueryBlockValues<Pages, NV, 1>(vp, d, nk, e, acc); break;
+            case 2: QueryBlockValues<Pages, NV, 2>(vp, d, nk, e, acc); break;
+            case 3: QueryBlockValues<Pages, NV, 3>(vp, d, nk, e, acc); break;
+            default: QueryBlockValues<Pages, NV, (kBlock >= 4 ? 4 : kBlock)>(vp, d, nk, e, acc);
           }
         }
+        continue;
       }
       for (int64_t j = 0; j < nk; ++j) {
         for (int64_t v = 0; v < nv; ++v) vbufp[j * nv + v] = Pages::Load(vp + j * d + v * kLanes);
