@@ -248,19 +248,21 @@ def shard_engine(engine: Any, mesh: Mesh) -> Any:
         )
     leaves, treedef = jax.tree.flatten(page_sharding)
     runner._step, runner._copy = _sharded_engine_programs(
-        runner.graphdef, mesh, tuple(leaves), treedef
+        runner.graphdef, runner.state_def, mesh, tuple(leaves), treedef
     )
     return engine
 
 
 @functools.lru_cache(maxsize=16)
-def _sharded_engine_programs(graphdef, mesh: Mesh, page_leaves: tuple, page_treedef) -> tuple:
+def _sharded_engine_programs(
+    graphdef, state_def, mesh: Mesh, page_leaves: tuple, page_treedef
+) -> tuple:
     """The engine's jitted (step, page copy) on `mesh`, one pair per model structure and page
     placement (as `model_runner._step_program`): a second engine compiles nothing anew."""
     from jaxllm.engine.model_runner import copy_pages_impl, step_impl
 
     page_sharding = jax.tree.unflatten(page_treedef, page_leaves)
-    impl = functools.partial(step_impl, graphdef)
+    impl = functools.partial(step_impl, graphdef, state_def)
     whole = NamedSharding(mesh, R.spec(()))
 
     def step(state, pages, *rest, **static):
@@ -279,4 +281,5 @@ def _sharded_engine_programs(graphdef, mesh: Mesh, page_leaves: tuple, page_tree
 
 
 def _runner_attention(engine: Any) -> str:
-    return nnx.merge(engine.runner.graphdef, engine.runner.state).attention
+    state = jax.tree.unflatten(engine.runner.state_def, engine.runner.state)
+    return nnx.merge(engine.runner.graphdef, state).attention
