@@ -374,11 +374,13 @@ class Transformer(nnx.Module):
         pages: PagedCache,
         meta: PagedMeta,
         logits_index: jax.Array,
+        num_logits: jax.Array | None = None,
     ) -> tuple[jax.Array, PagedCache]:
         """One engine step: packed tokens [T] and positions [T] of many sequences.
 
         Returns float32 logits [S, V] at the packed rows `logits_index` [S] (each sequence's
-        last token this step) and the updated pages.
+        last token this step) and the updated pages. `num_logits`: rows of `logits_index`
+        from it on are padding, whose logits may come back zero.
         """
         from jaxllm.attention import get_paged_attention_fn
 
@@ -394,7 +396,10 @@ class Transformer(nnx.Module):
             else:
                 x, kv = layer.paged(x, positions, inv_freq, pages[i], meta, fn, rope)
             new_pages.append(kv)
-        return self.head(x[logits_index][None])[0], tuple(new_pages)
+        x = x[logits_index]
+        if fused and num_logits is not None:  # the head skips the padding rows
+            return cpu_layer.head(self, x, num_logits), tuple(new_pages)
+        return self.head(x[None])[0], tuple(new_pages)
 
 
 def default_cache_dtype(model: Any) -> Any:

@@ -145,3 +145,19 @@ def test_engine_greedy_tokens_with_and_without_fused_layers(tiny_config, recipe,
     got = [r.output for r in engine.run(prompts, sp)]
     assert got == want
     assert engine.metrics()["preemptions"] > 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_head_equals_model_head_and_skips_padding(tiny_config, tied):
+    """The engine's head after fused layers: the first rows bit-identical to `model.head`
+    (the same kernel and channel scales), the padding rows zero (the tied int8 embedding of
+    the w8a8 recipe, and a w8a8 lm_head)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config, tie_word_embeddings=tied)
+    model = quantize_model(Transformer(cfg, random_params(cfg, seed=3, scale=0.3)), "w8a8")
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((8, cfg.hidden_size), np.float32))
+    want = np.asarray(jax.jit(model.head)(x))
+    got = np.asarray(jax.jit(cpu_layer.head)(model, x, jnp.int32(5)))
+    np.testing.assert_array_equal(got[:5], want[:5])
+    assert not got[5:].any()

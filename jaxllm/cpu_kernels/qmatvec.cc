@@ -9,7 +9,9 @@
 //                   x float32 [R, K] is quantized here per row per group (attribute
 //                   `groups`; 1: per row) to int8 codes x_g with scales xs, W int8 [N, K];
 //                   each group's integer product is exact. Then y's columns times
-//                   scale f32 [N] (the weights' per-channel scales), unless it is empty
+//                   scale f32 [N] (the weights' per-channel scales), unless it is empty.
+//                   valid_rows s32 [1] (or empty): only that many leading rows are
+//                   computed, the rest of y is zero (a step's padding rows)
 //
 // G groups of K / G inputs share a scale. XLA:CPU converts quantized weights to float before
 // a dot, so a batch-1 step would read each weight once as codes and twice more as floats;
@@ -330,9 +332,15 @@ void GroupProduct(const int8_t* x, const float* xs, const int8_t* w, float* y, i
 }
 
 ffi::Error W8A8Dot(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t groups) {
+                   ffi::Buffer<ffi::S32> valid_rows, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t groups) {
   const int64_t n = w.dimensions()[0], k = w.dimensions()[1];
-  const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
+  const int64_t all_rows = static_cast<int64_t>(x.element_count()) / k;
+  int64_t rows = all_rows;
+  if (valid_rows.element_count() == 1) {  // rows past it are padding: zero, not computed
+    rows = std::min<int64_t>(std::max<int64_t>(valid_rows.typed_data()[0], 0), all_rows);
+    std::memset(y->typed_data() + rows * n, 0, static_cast<size_t>((all_rows - rows) * n) * 4);
+  }
   if (groups <= 0 || k % groups != 0) {
     return ffi::Error::InvalidArgument("JaxllmW8A8Dot: groups must divide K");
   }
@@ -391,5 +399,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmW8A8Dot, W8A8Dot,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("groups"));

@@ -74,7 +74,8 @@ def step_impl(
 ):  # fmt: skip
     model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state))
     if prompt_k < 0:  # the draws' hidden rows go to the head, not [S, V] logits to a gather
-        rows, pages = model.forward_paged(tokens, positions, pages, meta, logits_index[draw["row"]])
+        index = logits_index[draw["row"]]
+        rows, pages = model.forward_paged(tokens, positions, pages, meta, index, draw["count"])
     else:
         logits, pages = model.forward_paged(tokens, positions, pages, meta, logits_index)
         rows = logits[draw["row"]]
@@ -200,6 +201,7 @@ class ModelRunner:
             "row": np.zeros(r_b, np.int32),
             "step": np.zeros(r_b, np.int32),
             "params": SamplingArrays.from_params([d.params for d in draws], r_b, seeds=seeds),
+            "count": np.int32(len(draws)),  # draws from here on are padding
         }
         for j, d in enumerate(draws):
             draw["row"][j] = draw_rows[d.seq]

@@ -28,7 +28,8 @@ import numpy as np
 from jaxllm import cpu_kernels
 from jaxllm.quant.kv import QuantizedKV
 from jaxllm.quant.kv_bits import Bfloat16Bits
-from jaxllm.quant.layers import QuantizedLinear
+from jaxllm.quant.layers import QuantizedEmbedding, QuantizedLinear
+from jaxllm.quant.matmul import native_w8a8
 
 _PAGE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16))
 _unfused = contextvars.ContextVar("jaxllm_unfused_layers", default=False)
@@ -53,11 +54,7 @@ def enabled() -> bool:
 def _w8a8_group(lin: Any) -> int | None:
     """The activation group of a plain w8a8 `QuantizedLinear` (per-channel int8 weights, no
     bias or smoothing), else None."""
-    if type(lin) is not QuantizedLinear or lin.activation_bits != 8:
-        return None
-    if lin.bias is not None or lin.inv_smooth is not None or lin.offset is not None:
-        return None
-    if lin.bits != 8 or lin.scale_super is not None or lin.group != lin.values.shape[1]:
+    if type(lin) is not QuantizedLinear or lin.activation_bits != 8 or not _plain_int8(lin):
         return None
     return lin.activation_group
 
@@ -174,3 +171,38 @@ def paged_block(
     if isinstance(pages[0], Bfloat16Bits):
         return y, (Bfloat16Bits(k), Bfloat16Bits(v))
     return y, (k, v)
+
+
+def head(model: Any, x: jax.Array, valid_rows: jax.Array) -> jax.Array:
+    """`model.head` for an engine step whose layers ran fused: x [R, E] -> float32 logits
+    [R, V]. Where the output head is a plain w8a8 product (the w8a8 recipe's tied int8
+    embedding, or a w8a8 `lm_head`), only the first `valid_rows` rows are computed and the
+    rest (the step's padding draws) are zero; otherwise it is `model.head(x)`."""
+    lin = model.lm_head if model.lm_head is not None else model.embed
+    e = x.shape[-1]
+    groups = None
+    if type(lin) is QuantizedEmbedding and lin.activation_bits == 8:
+        plain = lin.offset is None and lin.scale_super is None
+        if plain and lin.bits == 8 and lin.group == lin.values.shape[1]:
+            groups = 1
+    elif _w8a8_group(lin) is not None or (
+        type(lin) is QuantizedLinear and lin.activation_bits == 8 and _plain_int8(lin)
+    ):
+        group = lin.activation_group
+        groups = 1 if group is None or group >= e else e // group
+    if groups is None:
+        return model.head(x)
+    xn = model.final_norm(x)
+    return native_w8a8(xn, lin.values[...], groups, lin.scale[...][:, 0], valid_rows)
+
+
+def _plain_int8(lin: Any) -> bool:
+    """Per-channel int8 codes without bias, smoothing, offsets or super-scales."""
+    return (
+        lin.bias is None
+        and lin.inv_smooth is None
+        and lin.offset is None
+        and lin.scale_super is None
+        and lin.bits == 8
+        and lin.group == lin.values.shape[1]
+    )

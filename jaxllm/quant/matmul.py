@@ -38,19 +38,28 @@ def _native_int8() -> bool:
 
 
 def native_w8a8(
-    x: jax.Array, codes: jax.Array, groups: int, scale: jax.Array | None = None
+    x: jax.Array,
+    codes: jax.Array,
+    groups: int,
+    scale: jax.Array | None = None,
+    valid_rows: jax.Array | None = None,
 ) -> jax.Array:
     """`qmatvec.cc`'s JaxllmW8A8Dot: x quantized per row per `groups` groups of inputs as
     `quantize_rows` does, times int8 codes [O, I], each group's integer product exact, times
     its activation scale; then, with `scale` [O], each output column times it (one rounding,
     as a multiply after the product). x [..., I] -> float32 [rows, O] (rows: the leading axes
     flattened). Quantizing and scaling in the kernel saves XLA:CPU five ops per product (the
-    scale of the 49152-wide head alone was ~4 ms of a 64-sequence decode step)."""
+    scale of the 49152-wide head alone was ~4 ms of a 64-sequence decode step).
+    `valid_rows` (int scalar): rows from it on are padding, returned zero and not computed."""
     rows, n_in = math.prod(x.shape[:-1]), x.shape[-1]
     out = jax.ShapeDtypeStruct((rows, codes.shape[0]), jnp.float32)
     scale = jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)
+    if valid_rows is None:
+        valid = jnp.zeros((0,), jnp.int32)
+    else:
+        valid = jnp.reshape(jnp.asarray(valid_rows, jnp.int32), (1,))
     return jax.ffi.ffi_call("JaxllmW8A8Dot", out, vmap_method="sequential")(
-        x.reshape(rows, n_in).astype(jnp.float32), codes, scale, groups=np.int64(groups)
+        x.reshape(rows, n_in).astype(jnp.float32), codes, scale, valid, groups=np.int64(groups)
     )
 
 
