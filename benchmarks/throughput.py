@@ -12,8 +12,11 @@ Engines, each in its own subprocess (peak RSS is its own):
                   `EngineConfig(kv_cache_dtype="float16")`
   jaxllm-engine-w8a8  the same engine with the `w8a8` recipe (int8 weights per channel x int8
                   activations per token per 64 inputs, exact int32 products: the native VNNI
-                  kernels) and float16 KV pages: `LLM(quantization="w8a8")`. llama.cpp's
-                  Q4_1 GGUF also multiplies 8-bit activation blocks in integers
+                  kernels; on CPU each layer runs as one native call, cpu_kernels/layer.cc)
+                  and float16 KV pages: `LLM(quantization="w8a8")`. llama.cpp's Q4_1 GGUF
+                  also multiplies 8-bit activation blocks in integers
+  jaxllm-engine-w8a8-kv8  `w8a8+kv-int8`: the same with int8 KV pages (a scale per token per
+                  KV head), half the cache bytes that decode reads
   jaxllm-static   the static generator in batches of 16
   hf              HF transformers `generate`, padded batches of 16, float32
   llama.cpp       llama-cpp-python, one request at a time
@@ -41,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("jaxllm-engine", "jaxllm-engine-bf16", "jaxllm-engine-w8a8", "jaxllm-static", "hf",
-           "llama.cpp", "llama-server")  # fmt: skip
-JAXLLM_ENGINES = ENGINES[:3]
+ENGINES = ("jaxllm-engine", "jaxllm-engine-bf16", "jaxllm-engine-w8a8", "jaxllm-engine-w8a8-kv8",
+           "jaxllm-static", "hf", "llama.cpp", "llama-server")  # fmt: skip
+JAXLLM_ENGINES = ENGINES[:4]
 BATCH = 16
 
 
@@ -320,6 +323,7 @@ RUNNERS = {
     "jaxllm-engine": run_engine,
     "jaxllm-engine-bf16": lambda n: run_engine(n, "bfloat16", "float16"),
     "jaxllm-engine-w8a8": lambda n: run_engine(n, None, "float16", "w8a8"),
+    "jaxllm-engine-w8a8-kv8": lambda n: run_engine(n, None, None, "w8a8+kv-int8"),
     "jaxllm-static": run_static,
     "hf": run_hf,
     "llama.cpp": run_llama_cpp,
