@@ -1,5 +1,7 @@
-"""Native CPU kernels: few-row products with weight matrices (decode on XLA:CPU), and the
-engine's ragged paged attention.
+"""Native CPU kernels: few-row products with weight matrices (decode on XLA:CPU), the
+engine's ragged paged attention, the w8a8 int8 products (`qmatvec.cc`, `int8_gemm.cc`) and a
+whole w8a8 decoder layer over the engine's pages (`layer.cc`, called by
+`jaxllm.quant.cpu_layer`).
 
 `linear(x, w)` computes x @ w^T for w [out, in]. On the CPU backend, with float32 x, float32
 or bfloat16 weights and at most 16 rows, it calls `matvec.cc` through the XLA FFI: the kernel
