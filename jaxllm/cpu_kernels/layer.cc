@@ -50,7 +50,6 @@ namespace {
 
 constexpr int64_t kMinParallelElements = 1 << 14;
 
-typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef uint32_t UVec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
 struct Layer {
@@ -93,28 +92,13 @@ void NormRow(const float* x, const float* w, int64_t e, float eps, float* out) {
   }
 }
 
-inline Vec Select(IVec mask, Vec a, Vec b) { return mask ? a : b; }
 
 // exp of each lane over float32's whole range (relative error ~2e-7; below -87.3: 0 within
 // float32's normal range, above 88.7: inf), for SiLU.
 inline Vec ExpAll(Vec x) {
   const IVec high = x > 88.7f;
   x = Select(x < -87.3f, Vec{} - 87.3f, x);
-  x = Select(high, Vec{} + 88.0f, x);
-  const Vec n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;       // x - n ln 2, two parts
-  Vec p = Vec{} + 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;  // 2^n, n in [-126, 127]
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof(Vec));
-  return Select(high, Vec{} + INFINITY, p * scale);
+  return Select(high, Vec{} + INFINITY, ExpInRange(Select(high, Vec{} + 88.0f, x)));
 }
 
 // Writes of one key or value vector (kLanes floats) into a page, rounded to nearest even.

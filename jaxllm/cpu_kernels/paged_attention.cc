@@ -96,9 +96,7 @@ struct Problem {
 };
 
 
-typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-inline Vec Select(IVec mask, Vec a, Vec b) { return mask ? a : b; }
 
 // Lane j of the result is the sum of the lanes of v[j] (a transposing tree of shuffles):
 // 16 dot products finish in 30 shuffles instead of 16 serial horizontal sums.
@@ -146,20 +144,7 @@ inline float SumOf(Vec v) {
 // lanes below -87 (masked keys: -inf) give 0. std::exp is a scalar libm call per key.
 inline Vec Exp(Vec x) {
   const IVec dead = x < -87.0f;
-  x = Select(dead, Vec{} - 87.0f, x);
-  const Vec n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;       // x - n ln 2, two parts
-  Vec p = Vec{} + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;  // 2^n
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof(Vec));
-  return Select(dead, Vec{}, p * scale);
+  return Select(dead, Vec{}, ExpInRange(Select(dead, Vec{} - 87.0f, x)));
 }
 
 // acc[q] += sum over the chunk's nk keys j of e[q][j] * v_j, NQ queries of NV vectors each

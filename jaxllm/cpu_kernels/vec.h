@@ -11,6 +11,9 @@
 constexpr int64_t kLanes = 16;  // one 64-byte cache line of floats
 
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Select(IVec mask, Vec a, Vec b) { return mask ? a : b; }
 
 inline Vec Load(const float* p) {
   Vec v;
@@ -81,4 +84,24 @@ inline Vec LoadBF16(const uint16_t* p) {
   Vec r;
   std::memcpy(&r, &u, sizeof(Vec));
   return r;
+}
+
+// exp of each lane for x in [-87.3, 88.3] (relative error ~2e-7): x = n ln 2 + r, a degree-7
+// polynomial in r, times 2^n built in the exponent bits. Callers clamp x to the range and
+// patch the lanes they clamped (std::exp is a scalar libm call per lane).
+inline Vec ExpInRange(Vec x) {
+  const Vec n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;       // x - n ln 2, two parts
+  Vec p = Vec{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;  // 2^n, n in [-126, 127]
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(Vec));
+  return p * scale;
 }
