@@ -101,9 +101,7 @@ inline Vec ExpAll(Vec x) {
   return Select(high, Vec{} + INFINITY, ExpInRange(Select(high, Vec{} + 88.0f, x)));
 }
 
-// Writes of one key or value vector (kLanes floats) into a page, rounded to nearest even.
-inline void StoreAs(float* dst, Vec v) { std::memcpy(dst, &v, sizeof(Vec)); }
-
+// Half-width page writes (kLanes floats at a time), rounded to nearest even.
 inline uint16_t FloatToHalf(float f) {
 #if defined(__F16C__) || defined(__AVX512F__)
   return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));

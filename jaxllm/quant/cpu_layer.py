@@ -179,28 +179,23 @@ def head(model: Any, x: jax.Array, valid_rows: jax.Array) -> jax.Array:
     embedding, or a w8a8 `lm_head`), only the first `valid_rows` rows are computed and the
     rest (the step's padding draws) are zero; otherwise it is `model.head(x)`."""
     lin = model.lm_head if model.lm_head is not None else model.embed
-    e = x.shape[-1]
-    groups = None
-    if type(lin) is QuantizedEmbedding and lin.activation_bits == 8:
-        plain = lin.offset is None and lin.scale_super is None
-        if plain and lin.bits == 8 and lin.group == lin.values.shape[1]:
-            groups = 1
-    elif _w8a8_group(lin) is not None or (
-        type(lin) is QuantizedLinear and lin.activation_bits == 8 and _plain_int8(lin)
-    ):
-        group = lin.activation_group
-        groups = 1 if group is None or group >= e else e // group
-    if groups is None:
+    if type(lin) not in (QuantizedEmbedding, QuantizedLinear) or lin.activation_bits != 8:
         return model.head(x)
+    if not _plain_int8(lin):
+        return model.head(x)
+    e = x.shape[-1]
+    group = getattr(lin, "activation_group", None)  # the embedding's: one scale per row
+    groups = 1 if group is None or group >= e else e // group  # as `qlinear` chooses
     xn = model.final_norm(x)
     return native_w8a8(xn, lin.values[...], groups, lin.scale[...][:, 0], valid_rows)
 
 
 def _plain_int8(lin: Any) -> bool:
-    """Per-channel int8 codes without bias, smoothing, offsets or super-scales."""
+    """Per-channel int8 codes without bias, smoothing, offsets or super-scales (a
+    `QuantizedLinear`, or a `QuantizedEmbedding`, which has neither bias nor smoothing)."""
     return (
-        lin.bias is None
-        and lin.inv_smooth is None
+        getattr(lin, "bias", None) is None
+        and getattr(lin, "inv_smooth", None) is None
         and lin.offset is None
         and lin.scale_super is None
         and lin.bits == 8
