@@ -151,7 +151,10 @@ class LLM:
                 quantize_for_llm(self.model, quantization, self.tokenizer, self.source, log=log)
             self.generator = Generator(self.model, max_batch=max_batch)
         del loaded
-        self.use_engine = engine is None or engine
+        # llama.cpp's arithmetic (recipe gguf-llamacpp) is bit-exact in the static generator,
+        # which evaluates a prompt as one batch and each new token alone, as llama.cpp does.
+        exact = getattr(self.model, "numerics", None) == "ggml"
+        self.use_engine = engine if engine is not None else not exact
         self._engine_config = engine_config
         self._engine: Any = None
         self._log = log

@@ -346,6 +346,12 @@ class Transformer(nnx.Module):
         """
         from jaxllm.attention import get_attention_fn
 
+        if getattr(self, "numerics", None) == "ggml":  # the gguf-llamacpp recipe on CPU
+            from jaxllm.quant import ggml_exact
+
+            if ggml_exact.available():
+                return ggml_exact.forward(self, tokens, positions, mask, cache, cache_index,
+                                          last_only)  # fmt: skip
         attention_fn = get_attention_fn(self.attention)
         inv_freq = self.inv_freq[...]
         rope = rope_tables(positions, inv_freq)

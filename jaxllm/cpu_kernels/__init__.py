@@ -106,7 +106,12 @@ def _cpu_signature() -> str:
     return platform.machine()
 
 
-def _build() -> Path | None:
+def _build(
+    sources: list[Path] = _SOURCES, flags: list[str] = _FLAGS, stem: str = "libjaxllm_matvec"
+) -> Path | None:
+    """Compile `sources` (headers count towards the cache key) into a shared library in the
+    cache, keyed by their text, the compiler, the flags and the CPU; None without a compiler
+    or when the build fails."""
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
         return None
@@ -114,18 +119,18 @@ def _build() -> Path | None:
 
     include = jax.ffi.include_dir()
     key = hashlib.sha256(
-        b"".join(src.read_bytes() for src in _SOURCES)
-        + " ".join([compiler, *_FLAGS, include]).encode()
+        b"".join(src.read_bytes() for src in sources)
+        + " ".join([compiler, *flags, include]).encode()
         + _cpu_signature().encode()
     ).hexdigest()[:16]
-    out = cache_dir() / "cpu_kernels" / f"libjaxllm_matvec_{key}.so"
+    out = cache_dir() / "cpu_kernels" / f"{stem}_{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        sources = [str(src) for src in _SOURCES if src.suffix == ".cc"]
-        cmd = [compiler, *_FLAGS, f"-I{include}", *sources, "-o", str(tmp_out)]
+        units = [str(src) for src in sources if src.suffix == ".cc"]
+        cmd = [compiler, *flags, f"-I{include}", *units, "-o", str(tmp_out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(

@@ -130,6 +130,11 @@ def quantize_model(
         from jaxllm.quant import f16_attention
 
         model.attention = f16_attention.NAME
+    if cfg.gguf_activations == "q8" and cfg.attention_f16:
+        from jaxllm.quant import ggml_exact
+
+        if ggml_exact.supports(model):
+            model.numerics = ggml_exact.NAME  # Transformer.__call__: llama.cpp's arithmetic
     model.quant_config = cfg
     return model
 
