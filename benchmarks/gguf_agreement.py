@@ -50,9 +50,12 @@ def llamacpp_greedy(
     return out, np.array(ref.scores[: len(ids) + n - 1])
 
 
-def cached_logits_fn(model):
-    """ids -> float32 logits [T, V] of one prefill through a KV cache of the model's
-    `kv_cache_dtype` (as generation stores K/V), jitted once for PAD tokens."""
+def forced_logits_fn(model):
+    """(prompt ids, continuation ids) -> float32 logits [1 + len(continuation), V] at the
+    prompt's last token and after each continuation token, computed as llama.cpp computes
+    them for `llamacpp_greedy`: the prompt as one batch (padded to PAD rows; causal, so the
+    padding is never attended), then one token per step through the KV cache of the model's
+    `kv_cache_dtype`. Jitted once per model."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -63,17 +66,29 @@ def cached_logits_fn(model):
     kv_dtype = default_cache_dtype(model)
 
     @jax.jit
-    def run(state, tokens):
+    def prefill(state, tokens):
         m = nnx.merge(graphdef, state)
         cache = init_cache(m.config, 1, PAD, kv_dtype)
         mask = jnp.tril(jnp.ones((PAD, PAD), bool))[None]
-        logits, _ = m(tokens, jnp.arange(PAD)[None], mask, cache, jnp.int32(0))
-        return logits[0]
+        logits, cache = m(tokens, jnp.arange(PAD)[None], mask, cache, jnp.int32(0))
+        return logits[0], cache
 
-    def logits(ids: list[int]) -> np.ndarray:
+    @jax.jit
+    def step(state, cache, token, slot):
+        m = nnx.merge(graphdef, state)
+        mask = (jnp.arange(PAD) <= slot)[None, None]
+        logits, cache = m(token.reshape(1, 1), slot.reshape(1, 1), mask, cache, slot)
+        return logits[0, 0], cache
+
+    def logits(prompt: list[int], continuation: list[int]) -> np.ndarray:
         tokens = np.zeros((1, PAD), np.int32)
-        tokens[0, : len(ids)] = ids  # causal: the padding after them is never attended
-        return np.asarray(run(state, jnp.asarray(tokens)))[: len(ids)]
+        tokens[0, : len(prompt)] = prompt
+        full, cache = prefill(state, jnp.asarray(tokens))
+        out = [np.asarray(full[len(prompt) - 1])]
+        for i, tok in enumerate(continuation):
+            row, cache = step(state, cache, jnp.int32(tok), jnp.int32(len(prompt) + i))
+            out.append(np.asarray(row))
+        return np.stack(out)
 
     return logits
 
@@ -90,22 +105,35 @@ def product_errors(model, taps: dict[str, np.ndarray]) -> dict[str, float]:
         got, want = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
         return float(np.abs(got - want).max() / np.abs(want).max())
 
+    def product(lin, x):
+        if getattr(model, "numerics", None) == "ggml":  # llama.cpp's arithmetic, natively
+            from jaxllm.quant.ggml_exact import available, block_dot
+
+            assert available()
+            return block_dot(x, lin.qweight)
+        return lin(x)
+
     out: dict[str, list[float]] = {"qkv (V rows)": [], "o": [], "gate_up": [], "down": []}
     cfg = model.config
     for i, layer in enumerate(model.layers):
         x = jnp.asarray(rows(f"attn_norm-{i}"))
-        qkv = np.asarray(layer.attn.qkv(x)).reshape(len(x), cfg.num_kv_heads, -1, cfg.head_dim)
+        qkv = np.asarray(product(layer.attn.qkv, x))
+        qkv = qkv.reshape(len(x), cfg.num_kv_heads, -1, cfg.head_dim)
         out["qkv (V rows)"].append(err(qkv[:, :, -1], taps[f"Vcur-{i}"]))
-        out["o"].append(err(layer.attn.o(jnp.asarray(rows(f"kqv_out-{i}"))), taps[f"attn_out-{i}"]))
-        gu = np.asarray(layer.mlp.gate_up(jnp.asarray(rows(f"ffn_norm-{i}"))))
+        o = product(layer.attn.o, jnp.asarray(rows(f"kqv_out-{i}")))
+        out["o"].append(err(o, taps[f"attn_out-{i}"]))
+        gu = np.asarray(product(layer.mlp.gate_up, jnp.asarray(rows(f"ffn_norm-{i}"))))
         m = cfg.intermediate_size
         out["gate_up"].append(
             max(err(gu[:, :m], taps[f"ffn_gate-{i}"]), err(gu[:, m:], taps[f"ffn_up-{i}"]))
         )
-        out["down"].append(
-            err(layer.mlp.down(jnp.asarray(rows(f"ffn_swiglu-{i}"))), taps[f"ffn_out-{i}"])
-        )
-    head = model.embed.attend(jnp.asarray(rows("result_norm"))[None])[0]
+        down = product(layer.mlp.down, jnp.asarray(rows(f"ffn_swiglu-{i}")))
+        out["down"].append(err(down, taps[f"ffn_out-{i}"]))
+    x = jnp.asarray(rows("result_norm"))
+    if getattr(model, "numerics", None) == "ggml":
+        head = product(model.embed, x)
+    else:
+        head = model.embed.attend(x[None])[0]
     result = {k: max(v) for k, v in out.items()}
     result["head"] = err(head, taps["result_output"])
     return result
@@ -134,7 +162,7 @@ def main() -> None:
     texts = []
     for recipe in RECIPES:
         ours = LLM("smollm2-135m", quantization=recipe, log=lambda *a: None)
-        logits_of = cached_logits_fn(ours.model)
+        logits_of = forced_logits_fn(ours.model)
         per_product[recipe] = product_errors(ours.model, taps)
         for prompt in PROMPTS:
             ids = ref.tokenize(prompt.encode(), add_bos=False, special=False)
@@ -143,7 +171,7 @@ def main() -> None:
             want, ref_logits = llamacpp_greedy(ref, ids, n)
             got = ours.generate(ids, params)[0].token_ids
             same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), n)
-            forced = logits_of(ids + want[:-1])[len(ids) - 1 :]  # [n, V]
+            forced = logits_of(ids, want[:-1])  # [n, V]
             theirs = ref_logits[len(ids) - 1 :]
             agree_forced = int((forced.argmax(-1) == theirs.argmax(-1)).sum())
             diff = forced - theirs

@@ -321,6 +321,9 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(params["final_norm"], eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if tied else Linear(params["lm_head"], dtype=dtype)
         self.inv_freq = Buffer(jnp.asarray(rope_inv_freq(cfg, rope_factors)))
+        # GGUF's rope_freqs as given (a static tuple): `jaxllm.quant.ggml_exact` divides
+        # each angle by them, as llama.cpp does, instead of using inv_freq
+        self.rope_factors = None if rope_factors is None else tuple(map(float, rope_factors))
         self.weight_dtype = jnp.dtype(weight_dtype or dtype)
         if self.weight_dtype != self.dtype:
             self.embed.table = _param(self.embed.table[...], self.weight_dtype)

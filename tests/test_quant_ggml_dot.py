@@ -231,8 +231,10 @@ def test_products_equal_llamacpps_on_its_own_inputs(smollm2, monkeypatch):
 
 
 def test_llamacpp_recipe_engine_matches_static_generator(tmp_path):
-    """Oracle: the static generator (contiguous cache, dense attention). The engine's paged
-    steps with the `llamacpp` attention give the same greedy tokens."""
+    """Oracle: the static generator (contiguous cache, dense attention) on the recipe's jnp
+    path. The engine's paged steps with the `llamacpp` attention give the same greedy
+    tokens. (The static generator's default for this recipe, llama.cpp's arithmetic
+    natively, is tested in test_ggml_exact.py.)"""
     from jaxllm import LLM, SamplingParams
     from tests.test_hf_checkpoints import TINY_INPUT_IDS, write_gguf
 
@@ -243,5 +245,6 @@ def test_llamacpp_recipe_engine_matches_static_generator(tmp_path):
     for engine in (False, True):
         llm = LLM(str(path), quantization="gguf-llamacpp", engine=engine, log=lambda *a: None)
         assert llm.model.attention == "llamacpp"
+        llm.model.numerics = None  # the jnp path, which the engine's steps also take
         tokens[engine] = llm.generate(list(TINY_INPUT_IDS), params)[0].token_ids
     assert tokens[True] == tokens[False]

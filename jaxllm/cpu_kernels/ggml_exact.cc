@@ -17,8 +17,9 @@
 //       -> [R, O]: x quantized to Q8_1 (with m: Q4_1 weights, u in 0..15) or Q8_0 (codes
 //       signed), then ggml_vec_dot_q4_1_q8_1 / ggml_vec_dot_q8_0_q8_0 (tinyBLAS_Q0_AVX sums
 //       in the same order).
-//   JaxllmGgmlRope(x f32 [B, T, N, D], pos s32 [B, T]; base) -> same: GGML_ROPE_TYPE_NORMAL
-//       on rotate-half rows (pair i is dims i and i + D/2, as jaxllm un-permutes GGUF's Q/K).
+//   JaxllmGgmlRope(x f32 [B, T, N, D], pos s32 [B, T], factors f32 [D/2] or [0]; base) -> same:
+//       GGML_ROPE_TYPE_NORMAL on rotate-half rows (pair i is dims i and i + D/2, as jaxllm
+//       un-permutes GGUF's Q/K rows), angles divided by GGUF's rope_freqs when given.
 //   JaxllmGgmlAttention(q f32 [B, T, K, G, D], k f16 [B, K, S, D], v f16 [B, K, S, D],
 //       mask u8 [B, T, S]; scale, interleaved) -> f32 [B, T, K, G, D]: ggml_mul_mat(k, q),
 //       ggml_soft_max_ext, ggml_mul_mat(v, kq) without flash attention. A key's position is its
@@ -254,19 +255,21 @@ ffi::Error RmsNormImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 }
 
 ffi::Error RopeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> pos,
-                    ffi::ResultBuffer<ffi::F32> y, float base) {
+                    ffi::Buffer<ffi::F32> factors, ffi::ResultBuffer<ffi::F32> y, float base) {
   const auto dims = x.dimensions();
   if (dims.size() < 3) return ffi::Error::InvalidArgument("JaxllmGgmlRope: x needs [B, T, .., D]");
   const int64_t dh = dims.back(), half = dh / 2;
   const int64_t tokens = static_cast<int64_t>(pos.element_count());
   const int64_t per_token = static_cast<int64_t>(x.element_count()) / tokens;
   const float theta_scale = powf(base, -2.0f / static_cast<float>(dh));
+  const float* ff = factors.element_count() != 0 ? factors.typed_data() : nullptr;
   std::vector<float> cs(dh);
   for (int64_t t = 0; t < tokens; ++t) {
     float theta = static_cast<float>(pos.typed_data()[t]);
     for (int64_t i = 0; i < half; ++i) {
-      cs[2 * i] = cosf(theta);
-      cs[2 * i + 1] = sinf(theta);
+      const float angle = ff != nullptr ? theta / ff[i] : theta;  // GGUF's rope_freqs
+      cs[2 * i] = cosf(angle);
+      cs[2 * i + 1] = sinf(angle);
       theta *= theta_scale;
     }
     for (int64_t h = 0; h < per_token / dh; ++h) {
@@ -441,6 +444,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGgmlRope, RopeImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("base"));
 

@@ -89,9 +89,14 @@ def block_dot(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     return jax.ffi.ffi_call("JaxllmGgmlBlockDot", out, vmap_method="sequential")(x, codes, d, m)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """x [B, T, ..., D] (rotate-half rows) rotated at positions [B, T]."""
-    return _call("JaxllmGgmlRope", x, x, positions.astype(jnp.int32), base=np.float32(base))
+def rope(
+    x: jax.Array, positions: jax.Array, base: float, factors: np.ndarray | None = None
+) -> jax.Array:
+    """x [B, T, ..., D] (rotate-half rows) rotated at positions [B, T]; `factors` [D/2]:
+    GGUF's rope_freqs, dividing each pair's angle."""
+    ff = np.zeros((0,), np.float32) if factors is None else np.asarray(factors, np.float32)
+    pos = positions.astype(jnp.int32)
+    return _call("JaxllmGgmlRope", x, x, pos, jnp.asarray(ff), base=np.float32(base))
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -113,17 +118,26 @@ def _weight(lin) -> QuantizedWeight:
 
 def supports(model) -> bool:
     """Whether `forward` can run `model`: every product a GGUF block weight (`BlockQ8Linear`,
-    `BlockQ8Embedding`), float32 activations, plain RoPE (no scaling, no frequency factors),
-    one MLP shard, and no bias but QKV's."""
-    from jaxllm.model import rope_inv_freq
+    `BlockQ8Embedding`; a float32 table may serve the lookup of an untied model), float32
+    activations, RoPE without scaling (GGUF's rope_freqs factors are fine), one MLP shard,
+    and no bias but QKV's."""
+    from jaxllm.model import Embedding, rope_inv_freq
     from jaxllm.quant.layers import BlockQ8Embedding, BlockQ8Linear
 
     cfg = model.config
-    if not isinstance(model.embed, BlockQ8Embedding) or model.dtype != jnp.float32:
+    if model.dtype != jnp.float32:
+        return False
+    # the lookup is exact either way; a tied head must be a block weight too
+    float_table = isinstance(model.embed, Embedding) and model.embed.table.dtype == jnp.float32
+    if not isinstance(model.embed, BlockQ8Embedding) and not (
+        float_table and model.lm_head is not None
+    ):
         return False
     if cfg.rope_scaling is not None or cfg.head_dim % 2:
         return False
-    if not np.array_equal(np.asarray(model.inv_freq[...]), rope_inv_freq(cfg)):
+    factors = getattr(model, "rope_factors", None)
+    plain = rope_inv_freq(cfg, None if factors is None else np.asarray(factors))
+    if not np.array_equal(np.asarray(model.inv_freq[...]), plain):
         return False
     unbiased = [] if model.lm_head is None else [model.lm_head]
     for layer in model.layers:
@@ -140,6 +154,7 @@ def forward(model, tokens, positions, mask, cache=None, cache_index=None, last_o
     cfg = model.config
     k_, g, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     interleaved = cfg.architecture in ("llama", "mistral")  # GGUF's permuted Q/K rows
+    factors = getattr(model, "rope_factors", None)
     x = model.embed(tokens).astype(jnp.float32)
     b, t, _ = x.shape
     if mask is None:
@@ -151,8 +166,8 @@ def forward(model, tokens, positions, mask, cache=None, cache_index=None, last_o
         if attn.qkv.bias is not None:
             qkv = qkv + attn.qkv.bias[...]
         qkv = qkv.reshape(b, t, k_, g + 2, d)
-        q = rope(qkv[:, :, :, :g], positions, cfg.rope_theta)
-        k = rope(qkv[:, :, :, g], positions, cfg.rope_theta).transpose(0, 2, 1, 3)
+        q = rope(qkv[:, :, :, :g], positions, cfg.rope_theta, factors)
+        k = rope(qkv[:, :, :, g], positions, cfg.rope_theta, factors).transpose(0, 2, 1, 3)
         v = qkv[:, :, :, g + 1].transpose(0, 2, 1, 3)
         if cache is not None:
             idx = (0, 0, cache_index, 0)
