@@ -13,10 +13,10 @@
 // -ffp-contract=off so that no other product and sum is fused.
 //
 //   JaxllmGgmlRmsNorm(x f32 [R, E], w f32 [E]; eps) -> [R, E]      ggml_rms_norm + ggml_mul
-//   JaxllmGgmlBlockDot(x f32 [R, I], codes s8 [O, I], d f32 [O, I/32], m f32 [O, I/32] or [0])
-//       -> [R, O]: x quantized to Q8_1 (with m: Q4_1 weights, u in 0..15) or Q8_0 (codes
-//       signed), then ggml_vec_dot_q4_1_q8_1 / ggml_vec_dot_q8_0_q8_0 (tinyBLAS_Q0_AVX sums
-//       in the same order).
+//   JaxllmGgmlBlockDot(x f32 [R, I], w u8 [O, I] (Q8_0 codes) or [O, I/2] (Q4_1 / Q4_0 packed
+//       as GGUF packs them), d f32 [O, I/32], m f32 [O, I/32] (Q4_1) or [0]; kind) -> [R, O]:
+//       x quantized to Q8_1 (Q4_1) or Q8_0, then ggml_vec_dot_q4_1_q8_1 / _q4_0_q8_0 /
+//       _q8_0_q8_0 (tinyBLAS_Q0_AVX sums in the same order).
 //   JaxllmGgmlRope(x f32 [B, T, N, D], pos s32 [B, T], factors f32 [D/2] or [0]; base) -> same:
 //       GGML_ROPE_TYPE_NORMAL on rotate-half rows (pair i is dims i and i + D/2, as jaxllm
 //       un-permutes GGUF's Q/K rows), angles divided by GGUF's rope_freqs when given.
@@ -31,6 +31,10 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
@@ -182,52 +186,96 @@ void QuantizeRow(const float* x, int64_t n, bool with_sum, Q8Row* out) {
   }
 }
 
-// One output of ggml_vec_dot_q4_1_q8_1 (m != nullptr) or ggml_vec_dot_q8_0_q8_0.
-float BlockDot(const int8_t* w, const float* wd, const float* wm, const Q8Row& x, int64_t nb) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  float summs = 0.0f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const int8_t* wb = w + b * kBlock;
-    const int8_t* xb = x.q.data() + b * kBlock;
-    float scale;
-    if (wm != nullptr) {
-      summs = std::fma(wm[b], x.s[b], summs);  // GCC contracts `summs += m * s` (gnu11)
-      scale = wd[b] * x.d[b];
-    } else {
-      scale = wd[b] * x.d[b];
-    }
-    for (int lane = 0; lane < 8; ++lane) {
-      int32_t s = 0;
-      for (int e = 0; e < 4; ++e) s += wb[4 * lane + e] * xb[4 * lane + e];
-      acc[lane] = std::fma(scale, static_cast<float>(s), acc[lane]);
-    }
+// The weight kinds of JaxllmGgmlBlockDot: how a block's 32 codes are stored and multiplied.
+enum Kind { kQ8_0 = 0, kQ4_1 = 1, kQ4_0 = 2 };
+
+// A block's 32 codes as ggml multiplies them (Q8_0: c; Q4_1: u; Q4_0: u - 8). 4-bit blocks
+// are 16 bytes, byte j holding code j (low nibble) and code j + 16 (high), as in GGUF.
+void UnpackBlock(const uint8_t* w, int kind, int8_t* out) {
+  if (kind == kQ8_0) {
+    std::memcpy(out, w, kBlock);
+    return;
   }
-  return wm != nullptr ? Hsum8(acc) + summs : Hsum8(acc);
+  const int shift = kind == kQ4_0 ? 8 : 0;
+  for (int j = 0; j < kBlock / 2; ++j) {
+    out[j] = static_cast<int8_t>((w[j] & 0xf) - shift);
+    out[j + 16] = static_cast<int8_t>((w[j] >> 4) - shift);
+  }
 }
 
-ffi::Error BlockDotImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
-                        ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> m,
-                        ffi::ResultBuffer<ffi::F32> y) {
-  const auto wd = codes.dimensions();
-  if (wd.size() != 2 || wd[1] % kBlock != 0) {
-    return ffi::Error::InvalidArgument("JaxllmGgmlBlockDot: codes must be [O, I], I % 32 == 0");
+// The eight lane sums of a block, lane k = sum of codes 4k..4k+3 times activations (exact
+// integers, as maddubs + madd or vpdpbusd give them).
+void LaneSums(const uint8_t* w, int kind, const int8_t* x, float* lanes) {
+#if defined(__AVX2__)
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  __m256i wv;
+  if (kind == kQ8_0) {
+    wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  } else {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                          _mm256_set1_epi8(0xf));
+    if (kind == kQ4_0) wv = _mm256_sub_epi8(wv, _mm256_set1_epi8(8));
   }
-  const int64_t o = wd[0], in = wd[1], nb = in / kBlock;
+  // |w| <= 128, |x| <= 127: the pair sums fit int16
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+  const __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  _mm256_storeu_ps(lanes, _mm256_cvtepi32_ps(quads));
+#else
+  int8_t c[kBlock];
+  UnpackBlock(w, kind, c);
+  for (int lane = 0; lane < 8; ++lane) {
+    int32_t sum = 0;
+    for (int e = 0; e < 4; ++e) sum += c[4 * lane + e] * x[4 * lane + e];
+    lanes[lane] = static_cast<float>(sum);
+  }
+#endif
+}
+
+// One output of ggml_vec_dot_q4_1_q8_1 (Q4_1), ggml_vec_dot_q4_0_q8_0 or
+// ggml_vec_dot_q8_0_q8_0: acc = fma(d_w * d_x, lanes, acc) block after block, hsum_float_8,
+// and for Q4_1 the offsets' sum m_w * s_x (an FMA: GCC contracts `summs += m * s`).
+float BlockDot(const uint8_t* w, int kind, const float* wd, const float* wm, const Q8Row& x,
+               int64_t nb) {
+  const int64_t block_bytes = kind == kQ8_0 ? kBlock : kBlock / 2;
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float lanes[8];
+  float summs = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (kind == kQ4_1) summs = std::fma(wm[b], x.s[b], summs);
+    const float scale = wd[b] * x.d[b];
+    LaneSums(w + b * block_bytes, kind, x.q.data() + b * kBlock, lanes);
+    for (int lane = 0; lane < 8; ++lane) acc[lane] = std::fma(scale, lanes[lane], acc[lane]);
+  }
+  return kind == kQ4_1 ? Hsum8(acc) + summs : Hsum8(acc);
+}
+
+ffi::Error BlockDotImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> d,
+                        ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> y, int32_t kind) {
+  const auto dd = d.dimensions();
+  if (dd.size() != 2 || (kind != kQ8_0 && kind != kQ4_1 && kind != kQ4_0)) {
+    return ffi::Error::InvalidArgument("JaxllmGgmlBlockDot: d must be [O, I/32], kind 0-2");
+  }
+  const int64_t o = dd[0], nb = dd[1], in = nb * kBlock;
+  const int64_t row_bytes = kind == kQ8_0 ? in : in / 2;
+  if (static_cast<int64_t>(w.element_count()) != o * row_bytes ||
+      (kind == kQ4_1) != (m.element_count() != 0)) {
+    return ffi::Error::InvalidArgument("JaxllmGgmlBlockDot: weight bytes or offsets mismatch");
+  }
   const int64_t rows = static_cast<int64_t>(x.element_count()) / in;
-  const bool q41 = m.element_count() != 0;
   std::vector<Q8Row> xq(rows);
-  for (int64_t r = 0; r < rows; ++r) QuantizeRow(x.typed_data() + r * in, in, q41, &xq[r]);
-  const int8_t* cp = codes.typed_data();
+  for (int64_t r = 0; r < rows; ++r) QuantizeRow(x.typed_data() + r * in, in, kind == kQ4_1, &xq[r]);
+  const uint8_t* wp = w.typed_data();
   const float* dp = d.typed_data();
-  const float* mp = q41 ? m.typed_data() : nullptr;
+  const float* mp = kind == kQ4_1 ? m.typed_data() : nullptr;
   float* yp = y->typed_data();
   const JaxllmPool::Task task = [&](int share, int shares) {
     const int64_t o0 = o * share / shares, o1 = o * (share + 1) / shares;
     for (int64_t j = o0; j < o1; ++j) {
-      const int8_t* wj = cp + j * in;
-      const float* dj = dp + j * nb;
       const float* mj = mp != nullptr ? mp + j * nb : nullptr;
-      for (int64_t r = 0; r < rows; ++r) yp[r * o + j] = BlockDot(wj, dj, mj, xq[r], nb);
+      for (int64_t r = 0; r < rows; ++r) {
+        yp[r * o + j] = BlockDot(wp + j * row_bytes, kind, dp + j * nb, mj, xq[r], nb);
+      }
     }
   };
   JaxllmGetPool().Run(task);
@@ -428,10 +476,11 @@ extern "C" int JaxllmGgmlLanes() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGgmlBlockDot, BlockDotImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("kind"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmGgmlRmsNorm, RmsNormImpl,
                               ffi::Ffi::Bind()

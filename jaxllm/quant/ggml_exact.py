@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxllm.errors import JaxLLMError
 from jaxllm.quant import kv as kvq
-from jaxllm.quant.ggml_dot import check_block_weight, signed_codes
+from jaxllm.quant.ggml_dot import check_block_weight
 from jaxllm.quant.qtensor import QuantizedWeight
 
 _SOURCES = [Path(__file__).parent.parent / "cpu_kernels" / n for n in ("ggml_exact.cc", "pool.h")]
@@ -79,14 +79,22 @@ def rms_norm(x: jax.Array, norm) -> jax.Array:
 
 
 def block_dot(x: jax.Array, w: QuantizedWeight) -> jax.Array:
-    """x [..., I] @ W^T for a GGUF Q4_1 or Q8_0 weight W [O, I] -> float32 [..., O]."""
+    """x [..., I] @ W^T for a GGUF Q4_1, Q4_0 or Q8_0 weight W [O, I] -> float32 [..., O]; the
+    kernel reads W's stored bytes (4-bit codes packed as GGUF packs them)."""
     check_block_weight(w)
-    o, i = w.shape
-    codes = signed_codes(w).reshape(o, i)
+    if w.scale_super is not None:
+        raise JaxLLMError("the native GGUF product needs float scales, not scale codes")
+    if w.bits == 8:
+        kind = 0
+    else:
+        kind = 1 if w.offset is not None else 2
+    o, _ = w.shape
+    data = jax.lax.bitcast_convert_type(w.values, jnp.uint8) if w.bits == 8 else w.values
     d = w.scale.astype(jnp.float32)
     m = w.offset.astype(jnp.float32) if w.offset is not None else jnp.zeros((0,), jnp.float32)
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (o,), jnp.float32)
-    return jax.ffi.ffi_call("JaxllmGgmlBlockDot", out, vmap_method="sequential")(x, codes, d, m)
+    call = jax.ffi.ffi_call("JaxllmGgmlBlockDot", out, vmap_method="sequential")
+    return call(x, data, d, m, kind=np.int32(kind))
 
 
 def rope(
