@@ -25,3 +25,20 @@ def _compiler() -> bool:
 )
 def test_native_kernels_build_and_register():
     assert cpu_kernels.available(), "the CPU kernels did not build: see the [jaxllm] message"
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or not _compiler(), reason="no C++ compiler")
+def test_ggml_exact_kernels_build():
+    """`jaxllm.quant.ggml_exact` (recipe gguf-llamacpp) builds too; it runs where ggml's AVX2
+    or AVX512 paths are what this compiler targets, and says so otherwise."""
+    import ctypes
+    import platform
+
+    from jaxllm.quant import ggml_exact
+
+    path = cpu_kernels._build(ggml_exact._SOURCES, ggml_exact._FLAGS, "libjaxllm_ggml")
+    assert path is not None, "ggml_exact.cc did not build: see the [jaxllm] message"
+    lanes = ctypes.cdll.LoadLibrary(str(path)).JaxllmGgmlLanes()
+    assert ggml_exact.available() == (lanes > 0)
+    if platform.machine() == "x86_64" and "avx2" in open("/proc/cpuinfo").read():
+        assert lanes in (808, 1616), lanes
