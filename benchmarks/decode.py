@@ -1,4 +1,5 @@
-"""Batch-1 decode of SmolLM2-135M: jaxllm (float32, bfloat16) vs HF transformers and llama.cpp.
+"""Batch-1 decode of SmolLM2-135M: jaxllm (float32, bfloat16, and the `gguf-llamacpp` recipe
+that computes llama.cpp's arithmetic natively) vs HF transformers and llama.cpp.
 
 One run: a 128-token prompt, 128 greedy tokens, each engine in its own subprocess (so peak
 RSS is its own). Also measures the machine's read bandwidth with a jitted reduction over
@@ -21,7 +22,7 @@ from pathlib import Path
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 128
-ENGINES = ("jaxllm-f32", "jaxllm-bf16", "hf", "llama.cpp")
+ENGINES = ("jaxllm-f32", "jaxllm-bf16", "jaxllm-gguf-llamacpp", "hf", "llama.cpp")
 
 
 def prompt_ids(tokenizer_encode) -> list[int]:
@@ -50,7 +51,7 @@ def summarise_peer(once, load_s: float) -> dict:
     }
 
 
-def run_jaxllm(dtype: str) -> dict:
+def run_jaxllm(dtype: str, quantization: str | None = None) -> dict:
     import jax
 
     from jaxllm import LLM, SamplingParams
@@ -58,8 +59,9 @@ def run_jaxllm(dtype: str) -> dict:
     t0 = time.perf_counter()
     # The static generator: batch-1 decode is its job (the engine adds a host step per token).
     llm = LLM(
-        "smollm2-135m", dtype=dtype, compilation_cache=False, log=lambda *a: None, engine=False
-    )
+        "smollm2-135m", dtype=dtype, compilation_cache=False, log=lambda *a: None, engine=False,
+        quantization=quantization,
+    )  # fmt: skip
     load_s = time.perf_counter() - t0
     ids = prompt_ids(llm.encode)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -160,6 +162,8 @@ def run_bandwidth() -> dict:
 RUNNERS = {
     "jaxllm-f32": lambda: run_jaxllm("float32"),
     "jaxllm-bf16": lambda: run_jaxllm("bfloat16"),
+    # llama.cpp's arithmetic bit for bit (jaxllm.quant.ggml_exact), the file's Q4_1 blocks
+    "jaxllm-gguf-llamacpp": lambda: run_jaxllm("float32", "gguf-llamacpp"),
     "hf": run_hf,
     "llama.cpp": run_llama_cpp,
     "bandwidth": run_bandwidth,
@@ -227,6 +231,10 @@ def main() -> None:
             if "decode_tok_s" in results.get(peer, {}):
                 ratio = f32["decode_tok_s"] / results[peer]["decode_tok_s"]
                 print(f"jaxllm f32 decode / {peer} decode = {ratio:.2f}x")
+    exact, lcpp = results.get("jaxllm-gguf-llamacpp", {}), results.get("llama.cpp", {})
+    if "decode_tok_s" in exact and "decode_tok_s" in lcpp:
+        ratio = exact["decode_tok_s"] / lcpp["decode_tok_s"]
+        print(f"jaxllm gguf-llamacpp decode / llama.cpp decode = {ratio:.2f}x (same arithmetic)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
