@@ -154,6 +154,10 @@ class LLM:
         # llama.cpp's arithmetic (recipe gguf-llamacpp) is bit-exact in the static generator,
         # which evaluates a prompt as one batch and each new token alone, as llama.cpp does.
         exact = getattr(self.model, "numerics", None) == "ggml"
+        if exact:
+            from jaxllm.quant import ggml_exact
+
+            exact = ggml_exact.available()  # CPU only; elsewhere the recipe's jnp path
         self.use_engine = engine if engine is not None else not exact
         self._engine_config = engine_config
         self._engine: Any = None
