@@ -238,15 +238,25 @@ void LaneSums(const uint8_t* w, int kind, const int8_t* x, float* lanes) {
 float BlockDot(const uint8_t* w, int kind, const float* wd, const float* wm, const Q8Row& x,
                int64_t nb) {
   const int64_t block_bytes = kind == kQ8_0 ? kBlock : kBlock / 2;
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  float lanes[8];
+  alignas(32) float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  alignas(32) float lanes[8];
   float summs = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 accv = _mm256_setzero_ps();
+#endif
   for (int64_t b = 0; b < nb; ++b) {
     if (kind == kQ4_1) summs = std::fma(wm[b], x.s[b], summs);
     const float scale = wd[b] * x.d[b];
     LaneSums(w + b * block_bytes, kind, x.q.data() + b * kBlock, lanes);
+#if defined(__AVX2__) && defined(__FMA__)  // the same eight FMAs, in one instruction
+    accv = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_load_ps(lanes), accv);
+#else
     for (int lane = 0; lane < 8; ++lane) acc[lane] = std::fma(scale, lanes[lane], acc[lane]);
+#endif
   }
+#if defined(__AVX2__) && defined(__FMA__)
+  _mm256_store_ps(acc, accv);
+#endif
   return kind == kQ4_1 ? Hsum8(acc) + summs : Hsum8(acc);
 }
 
@@ -395,9 +405,23 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> k,
   // GGUF's order of a head's dims: j = 2i + e is rotate-half dim e * D/2 + i.
   std::vector<int64_t> order(dh);
   for (int64_t j = 0; j < dh; ++j) order[j] = interleaved ? (j & 1) * half + (j >> 1) : j;
-  const int64_t padded = (s + 63) / 64 * 64 + 64;
-  std::vector<float> q16(dh), k16(dh), w(padded), p(padded), vcol(padded);
+  const int64_t padded = (s + 63) / 64 * 64 + 128;  // room for the padding to 4 vectors
+  std::vector<float> q16(dh), w(padded), p(padded);
+  // One batch item's K in GGUF's dim order [K, S, D] and V transposed [K, D, S + 128] (zeros
+  // past S: ggml's padded keys), widened once instead of once per query row and head.
+  const int64_t vs = s + 128;
+  std::vector<float> kc(kh * s * dh), vt(kh * dh * vs, 0.0f);
   for (int64_t b = 0; b < bsz; ++b) {
+    for (int64_t kv = 0; kv < kh; ++kv) {
+      for (int64_t slot = 0; slot < s; ++slot) {
+        const uint16_t* kr = kp + ((b * kh + kv) * s + slot) * dh;
+        const uint16_t* vr = vp + ((b * kh + kv) * s + slot) * dh;
+        for (int64_t j = 0; j < dh; ++j) {
+          kc[(kv * s + slot) * dh + j] = F16ToF32(kr[order[j]]);
+          vt[(kv * dh + j) * vs + slot] = F16ToF32(vr[j]);
+        }
+      }
+    }
     int64_t real_rows = 0;
     for (int64_t i = 0; i < t; ++i) {
       for (int64_t j = 0; j < s; ++j) {
@@ -438,9 +462,8 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> k,
             w[pos] = -INFINITY;
             continue;
           }
-          const uint16_t* kr = kp + ((b * kh + kv) * s + first + pos) * dh;
-          for (int64_t j = 0; j < dh; ++j) k16[j] = F16ToF32(kr[order[j]]);
-          w[pos] = DotF16(k16.data(), q16.data(), dh, tiny_kq) * scale;
+          const float* kr = kc.data() + (kv * s + first + pos) * dh;
+          w[pos] = DotF16(kr, q16.data(), dh, tiny_kq) * scale;
           mx = std::fmax(mx, w[pos]);
         }
         double sum = 0.0;
@@ -455,10 +478,7 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> k,
         const int64_t vlen = (len + step - 1) / step * step;
         for (int64_t pos = 0; pos < vlen; ++pos) p[pos] = pos < len ? RoundF16(p[pos] * inv) : 0;
         for (int64_t dd = 0; dd < dh; ++dd) {
-          for (int64_t pos = 0; pos < vlen; ++pos) {
-            vcol[pos] = pos < n ? F16ToF32(vp[((b * kh + kv) * s + first + pos) * dh + dd]) : 0;
-          }
-          o[dd] = DotF16(vcol.data(), p.data(), vlen, tiny_kqv);
+          o[dd] = DotF16(vt.data() + (kv * dh + dd) * vs + first, p.data(), vlen, tiny_kqv);
         }
       }
     }

@@ -32,7 +32,7 @@ from jaxllm.quant.qtensor import QuantizedWeight
 
 _SOURCES = [Path(__file__).parent.parent / "cpu_kernels" / n for n in ("ggml_exact.cc", "pool.h")]
 # -ffp-contract=off: only the FMAs written as std::fma; every other product is rounded.
-_FLAGS = ["-O2", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17",
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17",
           "-w", "-pthread"]  # fmt: skip
 _TARGETS = (
     "JaxllmGgmlBlockDot",
