@@ -3,11 +3,11 @@ bit (jaxllm/cpu_kernels/ggml_exact.cc).
 
 Each operation of llama.cpp's Llama graph (no flash attention, float16 KV cache) runs as one
 native call that repeats ggml's float32 roundings in ggml's order: RMSNorm with its double
-sum, the Q8_1/Q8_0 activation blocks and block products of Q4_1/Q8_0 weights, RoPE with its
-angle recurrence, the float16 attention with ggml's vector exp, SwiGLU. Residual adds and
-the embedding lookup are single roundings, the same in XLA. The static generator
-(`LLM(..., engine=False)`) runs this forward; a prompt is one ggml batch and each new
-token one more, as llama.cpp evaluates them.
+sum, the Q8_1/Q8_0 activation blocks and block products of Q4_1/Q4_0/Q8_0 weights, RoPE
+with its angle recurrence, the float16 attention with ggml's vector exp, SwiGLU. Residual
+adds and the embedding lookup are single roundings, the same in XLA. The static generator
+runs this forward (`LLM`'s default for the recipe on CPU); a prompt is one ggml batch and
+each new token one more, as llama.cpp evaluates them.
 
 Why bit for bit: with 8-bit activation blocks, one float32 rounding that differs flips a
 code, the flip grows through the layers, and greedy tokens part at the next near-tie
