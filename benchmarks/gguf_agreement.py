@@ -105,13 +105,14 @@ def product_errors(model, taps: dict[str, np.ndarray]) -> dict[str, float]:
         got, want = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
         return float(np.abs(got - want).max() / np.abs(want).max())
 
-    def product(lin, x):
-        if getattr(model, "numerics", None) == "ggml":  # llama.cpp's arithmetic, natively
-            from jaxllm.quant.ggml_exact import available, block_dot
+    exact = getattr(model, "numerics", None) == "ggml"  # llama.cpp's arithmetic, natively
+    if exact:
+        from jaxllm.quant.ggml_exact import available, block_dot
 
-            assert available()
-            return block_dot(x, lin.qweight)
-        return lin(x)
+        assert available()
+
+    def product(lin, x):
+        return block_dot(x, lin.qweight) if exact else lin(x)
 
     out: dict[str, list[float]] = {"qkv (V rows)": [], "o": [], "gate_up": [], "down": []}
     cfg = model.config
@@ -130,7 +131,7 @@ def product_errors(model, taps: dict[str, np.ndarray]) -> dict[str, float]:
         down = product(layer.mlp.down, jnp.asarray(rows(f"ffn_swiglu-{i}")))
         out["down"].append(err(down, taps[f"ffn_out-{i}"]))
     x = jnp.asarray(rows("result_norm"))
-    if getattr(model, "numerics", None) == "ggml":
+    if exact:
         head = product(model.embed, x)
     else:
         head = model.embed.attend(x[None])[0]

@@ -18,7 +18,7 @@ from jaxllm.errors import JaxLLMError
 
 GGUF_MAGIC = b"GGUF"
 # Architectures whose Q/K rows llama.cpp's converter permutes for its rotary layout.
-_PERMUTED_ARCHS = ("llama", "mistral")
+PERMUTED_ARCHS = ("llama", "mistral")
 
 
 def open_gguf(path: str | Path) -> GGUFFile:
@@ -73,7 +73,7 @@ def load_gguf(
     meta = reader.metadata
     tensors = {t.name: t for t in reader.tensors}
     cfg = ModelConfig.from_gguf_metadata(meta, set(tensors), name=name or Path(path).stem)
-    permuted = cfg.architecture in _PERMUTED_ARCHS
+    permuted = cfg.architecture in PERMUTED_ARCHS
 
     def get(tname: str) -> np.ndarray:
         if tname not in tensors:

@@ -411,6 +411,7 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> k,
   // past S: ggml's padded keys), widened once instead of once per query row and head.
   const int64_t vs = s + 128;
   std::vector<float> kc(kh * s * dh), vt(kh * dh * vs, 0.0f);
+  std::vector<int64_t> first_of(t), last_of(t);
   for (int64_t b = 0; b < bsz; ++b) {
     for (int64_t kv = 0; kv < kh; ++kv) {
       for (int64_t slot = 0; slot < s; ++slot) {
@@ -422,14 +423,19 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> k,
         }
       }
     }
+    // Each row's first and last unmasked slot (-1: a padding row). Keys past the last hold
+    // probability 0, so the row's sums stop there, as they would at ggml's padded n_kv.
     int64_t real_rows = 0;
     for (int64_t i = 0; i < t; ++i) {
+      const uint8_t* mrow = mp + (b * t + i) * s;
+      first_of[i] = last_of[i] = -1;
       for (int64_t j = 0; j < s; ++j) {
-        if (mp[(b * t + i) * s + j]) {
-          ++real_rows;
-          break;
+        if (mrow[j]) {
+          if (first_of[i] < 0) first_of[i] = j;
+          last_of[i] = j;
         }
       }
+      real_rows += first_of[i] >= 0;
     }
     // ggml_mul_mat takes tinyBLAS for a batch of more than one row, if the shapes suit it:
     // K.Q needs D % kF16Lanes == 0, the value product D % 4 == 0 (n_kv, a multiple of 256,
@@ -438,13 +444,7 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> k,
     const bool tiny_kqv = real_rows > 1 && dh % 4 == 0;
     for (int64_t i = 0; i < t; ++i) {
       const uint8_t* mrow = mp + (b * t + i) * s;
-      int64_t first = -1;
-      for (int64_t j = 0; j < s; ++j) {
-        if (mrow[j]) {
-          first = j;
-          break;
-        }
-      }
+      const int64_t first = first_of[i];
       for (int64_t h = 0; h < kh * g; ++h) {
         float* o = op + (((b * t + i) * kh * g) + h) * dh;
         if (first < 0) {  // a padding row: nothing to attend to
@@ -454,7 +454,7 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F16> k,
         const int64_t kv = h / g;
         const float* qr = q.typed_data() + (((b * t + i) * kh * g) + h) * dh;
         for (int64_t j = 0; j < dh; ++j) q16[j] = RoundF16(qr[order[j]]);
-        const int64_t n = s - first;  // key positions 0 .. n-1
+        const int64_t n = last_of[i] - first + 1;  // key positions 0 .. n-1
         const int64_t len = (n + kExpLanes - 1) / kExpLanes * kExpLanes;
         float mx = -INFINITY;
         for (int64_t pos = 0; pos < len; ++pos) {

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.checkpoints.gguf_loader import PERMUTED_ARCHS
 from jaxllm.errors import JaxLLMError
 from jaxllm.quant import kv as kvq
 from jaxllm.quant.ggml_dot import check_block_weight
@@ -120,10 +121,6 @@ def attention(q, k, v, mask, *, interleaved: bool) -> jax.Array:
     )
 
 
-def _weight(lin) -> QuantizedWeight:
-    return lin.qweight
-
-
 def supports(model) -> bool:
     """Whether `forward` can run `model`: every product a GGUF block weight (`BlockQ8Linear`,
     `BlockQ8Embedding`; a float32 table may serve the lookup of an untied model), float32
@@ -161,7 +158,7 @@ def forward(model, tokens, positions, mask, cache=None, cache_index=None, last_o
         raise JaxLLMError("the gguf-llamacpp forward needs the CPU backend and a C++ compiler")
     cfg = model.config
     k_, g, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-    interleaved = cfg.architecture in ("llama", "mistral")  # GGUF's permuted Q/K rows
+    interleaved = cfg.architecture in PERMUTED_ARCHS  # GGUF's Q/K rows, un-permuted on load
     factors = getattr(model, "rope_factors", None)
     x = model.embed(tokens).astype(jnp.float32)
     b, t, _ = x.shape
@@ -170,7 +167,7 @@ def forward(model, tokens, positions, mask, cache=None, cache_index=None, last_o
     new_cache = []
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.attn, layer.mlp
-        qkv = block_dot(rms_norm(x, layer.attn_norm), _weight(attn.qkv))
+        qkv = block_dot(rms_norm(x, layer.attn_norm), attn.qkv.qweight)
         if attn.qkv.bias is not None:
             qkv = qkv + attn.qkv.bias[...]
         qkv = qkv.reshape(b, t, k_, g + 2, d)
@@ -183,13 +180,13 @@ def forward(model, tokens, positions, mask, cache=None, cache_index=None, last_o
             v = kvq.update_slice(cache[i][1], v, idx)
         out = attention(q, k.astype(jnp.float16), v.astype(jnp.float16), mask,
                         interleaved=interleaved)  # fmt: skip
-        x = x + block_dot(out.reshape(b, t, -1), _weight(attn.o))
-        h = block_dot(rms_norm(x, layer.mlp_norm), _weight(mlp.gate_up))
+        x = x + block_dot(out.reshape(b, t, -1), attn.o.qweight)
+        h = block_dot(rms_norm(x, layer.mlp_norm), mlp.gate_up.qweight)
         width = h.shape[-1] // 2
-        x = x + block_dot(swiglu(h[..., :width], h[..., width:]), _weight(mlp.down))
+        x = x + block_dot(swiglu(h[..., :width], h[..., width:]), mlp.down.qweight)
         new_cache.append((k, v))
     if last_only:
         x = x[:, -1:]
     x = rms_norm(x, model.final_norm)
     head = model.embed if model.lm_head is None else model.lm_head
-    return block_dot(x, _weight(head)), tuple(new_cache)
+    return block_dot(x, head.qweight), tuple(new_cache)

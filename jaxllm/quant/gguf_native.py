@@ -22,7 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.checkpoints.gguf_loader import open_gguf, unpermute_rotary
+from jaxllm.checkpoints.gguf_loader import PERMUTED_ARCHS, open_gguf, unpermute_rotary
 from jaxllm.config import ModelConfig
 from jaxllm.quant.qtensor import QuantizedWeight
 
@@ -99,7 +99,7 @@ def native_weights(path: str | Path, cfg: ModelConfig) -> dict[str, QuantizedWei
     (`layers.{i}.attn.qkv`, ..., `embed`, `lm_head`), as jax arrays."""
     reader = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
-    permuted = cfg.architecture in ("llama", "mistral")
+    permuted = cfg.architecture in PERMUTED_ARCHS
     out: dict[str, QuantizedWeight | None] = {}
 
     def get(name: str) -> QuantizedWeight | None:
