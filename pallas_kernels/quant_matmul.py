@@ -42,7 +42,10 @@ class GemvConfig:
     I chunk (each lowered to the largest power of two dividing O, resp. I / num_splits);
     `num_splits`: splits of I (None: enough for about TARGET_PROGRAMS programs); `chunk_reduce`:
     one row reduces each chunk into a [block_o] accumulator instead of keeping
-    [block_o, block_k] partial products until the end (fewer registers, so wider chunks)."""
+    [block_o, block_k] partial products until the end (fewer registers, so wider chunks);
+    `prefetch`: every load that depends on nothing (the scales, the residual, and the codes
+    and x when I is one chunk) is issued before any arithmetic, so a program waits for memory
+    once instead of once per barrier (the norm's and the sum's reductions each end in one)."""
 
     block_o: int = BLOCK_O
     block_k: int = BLOCK_K
@@ -50,6 +53,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     chunk_reduce: bool = False
+    prefetch: bool = False
 
 
 def fit_block(n: int, want: int, minimum: int = MIN_BLOCK) -> int:
@@ -234,7 +238,7 @@ def int8_matmul(
         extra.append(norm_weight.reshape(1, n_in))
     if residual is not None:
         extra.append(pad(residual.astype(x.dtype)))
-    launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce)
+    launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce, cfg.prefetch)
     out = _int8_matmul_call(
         pad(x), codes, scale.reshape(1, n_out), tuple(extra), launch, fusion, interpret
     )
@@ -243,7 +247,9 @@ def int8_matmul(
     return out[:m].astype(x.dtype)
 
 
-def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion):
+def _kernel(
+    *refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion, prefetch: bool
+):
     """x_ref [rows, split], (norm_ref [1, I]), q_ref [bo, split], s_ref [1, bo], (swiglu:
     the up rows' q and s), (res_ref [rows, bo]) -> o_ref [rows, bo]."""
     it = iter(refs)
@@ -262,20 +268,26 @@ def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion
     dt = x_ref.dtype
     f32 = jnp.float32
 
+    # At batch 1 a GEMV is a few µs long and each program runs once, so every wait for memory
+    # is on the kernel's critical path: issue the independent loads together, up front.
+    whole = chunks == 1 and prefetch
+    q_whole = [q_ref[...] for q_ref in q_refs] if whole else None
+    scales = [s_ref[...] for s_ref in s_refs] if prefetch else None
+    res = res_ref[...] if prefetch and res_ref is not None else None
+    x_whole = x_ref[...] if whole or norm_ref is not None else None
+    norm_whole = norm_ref[...] if whole and norm_ref is not None else None
+
     if norm_ref is not None:  # the row's RMS, over the whole row, before any chunk
-        whole = x_ref[...].astype(f32)
-        inv_rms = lax.rsqrt(jnp.sum(whole * whole, axis=1, keepdims=True) / whole.shape[1]
+        xf = x_whole.astype(f32)
+        inv_rms = lax.rsqrt(jnp.sum(xf * xf, axis=1, keepdims=True) / xf.shape[1]
                             + fusion.norm_eps)  # fmt: skip
 
-    def body(c, accs):
-        k = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
-        x = x_ref[:, k]  # [rows, bk]
+    def products(x, nrm, load_codes, accs):
         if norm_ref is not None:  # rounded where RMSNorm rounds: after the RMS, after the weight
             x = (x.astype(f32) * inv_rms).astype(dt)
-            x = (norm_ref[:, k].astype(f32) * x.astype(f32)).astype(dt)
+            x = (nrm.astype(f32) * x.astype(f32)).astype(dt)
         out = []
-        for q_ref, acc in zip(q_refs, accs, strict=True):
-            q = q_ref[:, k]  # [bo, bk] int8
+        for q, acc in zip(load_codes(), accs, strict=True):  # q [bo, bk] int8
             if one_row:
                 prod = q.astype(f32) * x.astype(f32)
                 out.append(acc + (jnp.sum(prod, axis=1) if chunk_reduce else prod))
@@ -284,34 +296,49 @@ def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion
                 out.append(acc + lax.dot_general(x, q.astype(dt), dims, preferred_element_type=f32))
         return tuple(out)
 
+    def body(c, accs):
+        k = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
+        x = x_ref[:, k]  # [rows, bk]
+        nrm = norm_ref[:, k] if norm_ref is not None else None
+        return products(x, nrm, lambda: [q_ref[:, k] for q_ref in q_refs], accs)
+
     if one_row:
         init = jnp.zeros((bo,) if chunk_reduce else (bo, block_k), f32)
     else:
         init = jnp.zeros((rows, bo), f32)
-    accs = lax.fori_loop(0, chunks, body, tuple(init for _ in q_refs))
+    inits = tuple(init for _ in q_refs)
+    if whole:
+        accs = products(x_whole, norm_whole, lambda: q_whole, inits)
+    else:
+        accs = lax.fori_loop(0, chunks, body, inits)
     ys = []
-    for acc, s_ref in zip(accs, s_refs, strict=True):
+    for i, (acc, s_ref) in enumerate(zip(accs, s_refs, strict=True)):
         if one_row:
             acc = (acc if chunk_reduce else jnp.sum(acc, axis=1))[None, :]
-        ys.append(acc * s_ref[...].astype(f32))
+        ys.append(acc * (scales[i] if prefetch else s_ref[...]).astype(f32))
     y = ys[0]
     if fusion.swiglu:  # each rounded to dt, as the unfused product's outputs are
         g = y.astype(dt).astype(f32)
         u = ys[1].astype(dt).astype(f32)
         y = (g / (1.0 + jnp.exp(-g))).astype(dt).astype(f32) * u
     if res_ref is not None:
-        y = res_ref[...].astype(f32) + y.astype(dt).astype(f32)
+        y = (res if prefetch else res_ref[...]).astype(f32) + y.astype(dt).astype(f32)
     o_ref[...] = y.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
-    bo, bk, splits, num_warps, num_stages, chunk_reduce = launch
+    bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch = launch
     rows, n_in = x.shape
     width = codes.shape[0] // 2 if fusion.swiglu else codes.shape[0]
     split_len = n_in // splits
     kernel = functools.partial(
-        _kernel, block_k=bk, chunks=split_len // bk, chunk_reduce=chunk_reduce, fusion=fusion
+        _kernel,
+        block_k=bk,
+        chunks=split_len // bk,
+        chunk_reduce=chunk_reduce,
+        fusion=fusion,
+        prefetch=prefetch,
     )
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows, width), x.dtype)

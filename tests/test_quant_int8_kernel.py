@@ -51,6 +51,10 @@ def rel_err(got, want) -> float:
         (3, 32, 128, jnp.bfloat16, {}),  # rows padded to 16 for the dot
         (5, 128, 64, jnp.float32, dict(block_o=16, num_splits=2, block_k=16)),
         (16, 64, 256, jnp.bfloat16, dict(num_splits=2)),
+        # prefetch: I in one chunk (codes loaded up front), then in four
+        (1, 64, 512, jnp.bfloat16, dict(block_o=8, block_k=512, num_splits=1, prefetch=True)),
+        (1, 64, 512, jnp.float32, dict(block_k=128, num_splits=1, prefetch=True)),
+        (3, 32, 128, jnp.float32, dict(block_k=128, num_splits=1, prefetch=True)),
     ],
 )
 def test_int8_matmul_matches_reference_and_dequantized_float(m, o, i, dtype, kw):
@@ -74,6 +78,11 @@ def test_int8_matmul_matches_reference_and_dequantized_float(m, o, i, dtype, kw)
         (5, jnp.float32, "swiglu", {}),
         (1, jnp.bfloat16, "residual", {}),
         (4, jnp.float32, "residual", dict(num_splits=4)),  # fused work forces one split
+        (1, jnp.bfloat16, "norm", dict(block_o=4, block_k=256, prefetch=True)),
+        (1, jnp.float32, "norm", dict(block_o=4, block_k=64, prefetch=True)),
+        (1, jnp.bfloat16, "swiglu", dict(block_o=2, block_k=256, chunk_reduce=True, prefetch=True)),
+        (1, jnp.bfloat16, "residual", dict(block_o=4, block_k=256, prefetch=True)),
+        (2, jnp.float32, "residual", dict(block_k=64, prefetch=True)),
     ],
 )
 def test_fused_int8_matmul_matches_the_unfused_ops(m, dtype, fusion, kw):

@@ -1,0 +1,273 @@
+"""Where batch-1 decode time goes on a GPU, and what the int8 GEMV's launch changes do to it
+(issue 5: int8 weight-only decode >= 1.5x bf16 at batch 1).
+
+1. The fused GEMVs of one Llama-3.2-1B layer and the tied head, each launch candidate with
+   and without `prefetch` (independent loads issued before any arithmetic), timed one jit
+   over several distinct weights (past L2).
+2. Batch-1 decode tok/s (128-token prompt, 128 new tokens): bf16 XLA, then int8 under the
+   default launches, the default launches with prefetch, and this run's best per shape; each
+   with one and with 8 decode steps per check of the loop's condition, and the Pallas flash
+   attention in place of XLA's.
+3. A trace of 16 and of 48 decode steps (jax.profiler, read with ProfileData): the difference
+   over 32 tokens gives each kernel's time per token, the kernels per token and the GPU's
+   idle time per token.
+
+    python benchmarks/int8_probe.py [--quick] [--budget-s 20]
+
+`--quick`: tiny shapes and model, interpreted on CPU (checks that the script runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax
+import jax.numpy as jnp
+from int8_fused import CHAIN_BYTES, PRODUCTS, QUICK_PRODUCTS, fusion_args, rel_err
+from kernels import device_peak, timed
+
+from pallas_kernels import quant_matmul as qm
+from pallas_kernels.quant_matmul import GemvConfig, int8_matmul, int8_matmul_reference
+
+HEAD = ("head", (128256, 2048), "none")
+BASE_DEFAULT = qm.default_config
+
+
+def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig]]:
+    base = BASE_DEFAULT(1, n_out, n_in)
+    out = [("default", base), ("default+pf", dataclasses.replace(base, prefetch=True))]
+    if n_out >= 100000:  # the head: long enough that launch latency hardly shows
+        return out + [("bo8 w8 pf", GemvConfig(8, 2048, 1, 8, 3, True, True))]
+    bos = (2, 4, 8) if fusion == "swiglu" else (4, 8, 16)
+    for bo in bos:
+        for w in (2, 4, 8, 16):
+            if bo * n_in * (2 if fusion == "swiglu" else 1) > 512 * 32 * w:
+                continue  # over 512 code bytes a thread: spills
+            out.append((f"bo{bo} w{w} pf", GemvConfig(bo, n_in, 1, w, 3, True, True)))
+    if n_in > 2048:  # a loop over I: only the scales and the residual are prefetched
+        out.append(("bo8 bk2048 w8 pf", GemvConfig(8, 2048, 1, 8, 3, True, True)))
+        out.append(("bo8 bk2048 w8 s4 pf", GemvConfig(8, 2048, 1, 8, 4, True, True)))
+    return out
+
+
+def sweep(products, budget_s: float, interpret: bool) -> dict:
+    """Per product: µs per launch of each candidate; returns the best launch per shape."""
+    kind, peak = device_peak()
+    peak = peak or float("nan")
+    best = {}
+    for name, (n_out, n_in), fusion in products:
+        t0 = time.perf_counter()
+        layers = int(min(32, max(2, CHAIN_BYTES // (n_out * n_in))))
+        keys = jax.random.split(jax.random.PRNGKey(n_out + n_in), layers + 2)
+        x = jax.random.normal(keys[0], (1, n_in), jnp.bfloat16)
+        codes = [jax.random.randint(k, (n_out, n_in), -127, 128, jnp.int8) for k in keys[2:]]
+        scale = jnp.full((n_out,), 0.002, jnp.float32)
+        args = fusion_args(fusion, n_out, n_in, keys[1]) if fusion != "none" else {}
+        want = int8_matmul_reference(x, codes[0], scale, **args)
+        print(f"\n| {kind} {name}: [1, {n_in}] x [{n_out}, {n_in}]^T, {layers} per call | µs | "
+              "GB/s | % HBM | rel err |")  # fmt: skip
+        print("|---|---|---|---|---|")
+        results = []
+        for label, cfg in candidates(n_out, n_in, fusion):
+            if time.perf_counter() - t0 > budget_s:
+                print("| (budget spent) | | | | |")
+                break
+            if cfg.block_o < qm.MIN_ROW_BLOCK and fusion != "swiglu":
+                continue
+            try:
+                f = jax.jit(
+                    lambda x, cs, cfg=cfg, s=scale, a=args: [
+                        int8_matmul(x, c, s, config=cfg, interpret=interpret, **a) for c in cs
+                    ]
+                )
+                err = rel_err(f(x, codes)[0], want)
+                t = timed(f, x, codes, reps=20) / layers
+            except Exception as e:  # one failing launch must not hide the others
+                print(f"| {label} | failed: {type(e).__name__}: {str(e)[:120]} | | | |")
+                continue
+            ok = err <= 2.0**-6
+            gbs = n_out * n_in / t / 1e9
+            print(f"| {label} | {t * 1e6:.2f} | {gbs:.0f} | {100 * gbs / 1e3 / peak:.0f}% | "
+                  f"{err:.2g}{'' if ok else ' FAIL'} |", flush=True)  # fmt: skip
+            if ok:
+                results.append((t, label, cfg))
+        if results:
+            t, label, cfg = min(results, key=lambda r: r[0])
+            best[(n_out, n_in)] = cfg
+            print(f"best: {label} {cfg} {t * 1e6:.2f} µs")
+    return best
+
+
+def launches(picks: dict | None, prefetch: bool):
+    """A `default_config` for one-row launches: `picks` per shape, else the default, with
+    prefetch set as asked."""
+
+    def config(rows, n_out, n_in):
+        cfg = BASE_DEFAULT(rows, n_out, n_in)
+        if rows != 1:
+            return cfg
+        if picks and (n_out, n_in) in picks:
+            return picks[(n_out, n_in)]
+        return dataclasses.replace(cfg, prefetch=prefetch)
+
+    return config
+
+
+def kernel_times(path: str):
+    """(count per kernel, ns per kernel, launch details per kernel, busy ns, span ns) of the
+    GPU's stream lines; a kernel is its name and grid (the GEMVs share one name)."""
+    from jax.profiler import ProfileData
+
+    count, total, details = collections.Counter(), collections.Counter(), {}
+    starts, ends, busy = [], [], 0.0
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                stats = {str(k): str(v) for k, v in ev.stats}
+                info = stats.get("kernel_details", "")
+                grid = next((f for f in info.split() if f.startswith("grid:")), "")
+                name = (ev.name if len(ev.name) < 48 else ev.name[:45] + "...") + " " + grid
+                count[name] += 1
+                total[name] += ev.duration_ns
+                details.setdefault(name, info[:110])
+                busy += ev.duration_ns
+                starts.append(ev.start_ns)
+                ends.append(ev.start_ns + ev.duration_ns)
+    span = (max(ends) - min(starts)) if starts else 0.0
+    return count, total, details, busy, span
+
+
+def traced(gen, prompts, new_tokens: int) -> str:
+    from jaxllm.sampling import SamplingParams
+
+    p = [SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)] * len(prompts)
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d)
+    gen.generate(prompts, p)
+    jax.profiler.stop_trace()
+    return glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+
+
+def profile(gen, prompts, label: str) -> None:
+    try:
+        a, b = traced(gen, prompts, 16), traced(gen, prompts, 48)
+        ca, ta, _, busy_a, span_a = kernel_times(a)
+        cb, tb, details, busy_b, span_b = kernel_times(b)
+    except Exception as e:  # a diagnostic: its failure must not stop the rest
+        print(f"profile {label} failed: {type(e).__name__}: {str(e)[:300]}")
+        return
+    n = 32
+    kernels = (sum(cb.values()) - sum(ca.values())) / n
+    busy = (busy_b - busy_a) / n / 1e3
+    span = (span_b - span_a) / n / 1e3
+    print(f"\nprofile {label}: per token {kernels:.0f} kernels, {busy:.1f} µs busy, "
+          f"{span:.1f} µs span, {span - busy:.1f} µs idle")  # fmt: skip
+    print("| kernel | per token | µs each | µs per token | launch |")
+    print("|---|---|---|---|---|")
+    rows = [(k, (cb[k] - ca[k]) / n, (tb[k] - ta[k]) / n / 1e3) for k in cb]
+    for k, c, t in sorted(rows, key=lambda r: -r[2])[:20]:
+        if c > 0:
+            print(f"| {k} | {c:.1f} | {t / c:.2f} | {t:.1f} | {details.get(k, '')} |")
+
+
+def decode(model, dtype, quant, config, steps_per_check, attention, prof, quick: bool):
+    from gpu_check import _weights
+
+    from jaxllm.generate import Generator
+    from jaxllm.model import Transformer
+    from jaxllm.quant import quantize_model
+    from jaxllm.quant.int8_kernel import int8_kernel_mode
+    from jaxllm.sampling import SamplingParams
+
+    loaded = _weights(model)
+    net = Transformer(loaded.config, loaded.params, dtype=jnp.dtype(dtype), attention=attention,
+                      rope_factors=loaded.rope_factors)  # fmt: skip
+    if quant:
+        net = quantize_model(net, quant)
+    gen = Generator(net, steps_per_check=steps_per_check)
+    tokens = 16 if quick else 128
+    prompts = [list(range(1, 129))]
+    p = [SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)]
+    qm.default_config = config
+    try:
+        with int8_kernel_mode("always" if quant else "never"):
+            out = gen.generate(prompts, p)
+            rates = []
+            for _ in range(3):
+                gen.generate(prompts, p)
+                t = gen.last_timings
+                rates.append(t.decode_steps / t.decode_s)
+            if prof:
+                profile(gen, prompts, prof)
+    finally:
+        qm.default_config = BASE_DEFAULT
+    return sorted(rates)[1], out[0].token_ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=20, help="sweep seconds per product")
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
+    picks = {}
+    if not args.no_sweep:
+        products = QUICK_PRODUCTS if args.quick else PRODUCTS + [HEAD]
+        picks = sweep(products, args.budget_s, args.quick)
+        print("\nPICKS =", picks)
+        print(f"(sweep done at {time.perf_counter() - t0:.0f} s)", flush=True)
+    model, dtype = ("tiny", "float32") if args.quick else ("llama-3.2-1b", "bfloat16")
+    runs = [
+        (f"{dtype} XLA", None, BASE_DEFAULT, 1, "xla", "bf16"),
+        ("int8 fused, default launches", "int8", launches(None, False), 1, "xla", "int8-default"),
+        ("int8 fused, default + prefetch", "int8", launches(None, True), 1, "xla", None),
+    ]
+    best = launches(picks, True) if picks else launches(None, True)
+    best_label = "this run's picks" if picks else "default + prefetch"
+    if picks:
+        runs.append((f"int8 fused, {best_label}", "int8", best, 1, "xla", "int8-picks"))
+    runs += [
+        (f"{dtype} XLA, 8 steps per check", None, BASE_DEFAULT, 8, "xla", None),
+        (f"int8 fused, {best_label}, 8 steps per check", "int8", best, 8, "xla", None),
+        (f"{dtype} flash, 8 steps per check", None, BASE_DEFAULT, 8, "flash", None),
+        (f"int8 fused, {best_label}, flash, 8 steps per check", "int8", best, 8, "flash", None),
+    ]
+    results, first_tokens = [], {}  # tokens of the first run of each quantization
+    for label, quant, config, k, attention, prof in runs:
+        try:
+            tps, ids = decode(model, dtype, quant, config, k, attention, prof, args.quick)
+        except Exception as e:
+            print(f"| {label} | failed: {type(e).__name__}: {str(e)[:300]} |", flush=True)
+            continue
+        same = ids == first_tokens.setdefault(quant, ids)
+        results.append((label, tps, same))
+        print(f"{label}: {tps:.1f} tok/s (at {time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"\n| decode {model} batch 1 | tok/s | vs {dtype} (same loop, attention) | "
+          "same tokens as its first run |")  # fmt: skip
+    print("|---|---|---|---|")
+    ref = {}
+    for label, tps, same in results:
+        k = (8 if "8 steps" in label else 1, "flash" in label)
+        if not label.startswith("int8"):
+            ref[k] = tps
+        print(f"| {label} | {tps:.1f} | {tps / ref.get(k, float('nan')):.2f}x | {same} |")
+    print(f"(total {time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
