@@ -247,9 +247,7 @@ def int8_matmul(
     return out[:m].astype(x.dtype)
 
 
-def _kernel(
-    *refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion, prefetch: bool
-):
+def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion, prefetch: bool):
     """x_ref [rows, split], (norm_ref [1, I]), q_ref [bo, split], s_ref [1, bo], (swiglu:
     the up rows' q and s), (res_ref [rows, bo]) -> o_ref [rows, bo]."""
     it = iter(refs)
