@@ -1,18 +1,17 @@
-"""Where batch-1 decode time goes on a GPU, and what the int8 GEMV's launch changes do to it
-(issue 5: int8 weight-only decode >= 1.5x bf16 at batch 1).
+"""Where batch-1 decode time goes on a GPU, and which int8 GEMV launches shorten it (issue 5:
+int8 weight-only decode >= 1.5x bf16 at batch 1).
 
-1. The fused GEMVs of one Llama-3.2-1B layer and the tied head, each launch candidate with
-   and without `prefetch` (independent loads issued before any arithmetic), timed one jit
-   over several distinct weights (past L2).
-2. Batch-1 decode tok/s (128-token prompt, 128 new tokens): bf16 XLA, then int8 under the
-   default launches, the default launches with prefetch, and this run's best per shape; each
-   with one and with 8 decode steps per check of the loop's condition, and the Pallas flash
-   attention in place of XLA's.
-3. A trace of 16 and of 48 decode steps (jax.profiler, read with ProfileData): the difference
-   over 32 tokens gives each kernel's time per token, the kernels per token and the GPU's
-   idle time per token.
+1. The fused GEMVs of one Llama-3.2-1B layer, each launch candidate (with and without
+   `prefetch`) run as one jit over several distinct weights (past L2), its kernel timed by
+   the GPU itself (a jax.profiler trace): wall-clock time per call measured launch and host
+   overheads as much as the kernels (a first run of this script picked launches by wall
+   clock that were 2x slower in decode).
+2. Batch-1 decode tok/s (128-token prompt, 128 new tokens): bf16 XLA, int8 under the default
+   launches and under this run's best launch per shape.
+3. For each decode row, a trace of 16 and of 48 decode steps: the difference over 32 tokens
+   gives each kernel's GPU time per token, the kernels per token and the GPU's idle time.
 
-    python benchmarks/int8_probe.py [--quick] [--budget-s 20]
+    python benchmarks/int8_probe.py [--quick] [--budget-s 35] [--steps]
 
 `--quick`: tiny shapes and model, interpreted on CPU (checks that the script runs).
 """
@@ -46,21 +45,55 @@ def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig
     base = BASE_DEFAULT(1, n_out, n_in)
     out = [("default", base), ("default+pf", dataclasses.replace(base, prefetch=True))]
     if n_out >= 100000:  # the head: long enough that launch latency hardly shows
-        return out + [("bo8 w8 pf", GemvConfig(8, 2048, 1, 8, 3, True, True))]
+        return out
     bos = (2, 4, 8) if fusion == "swiglu" else (4, 8, 16)
     for bo in bos:
-        for w in (2, 4, 8, 16):
-            if bo * n_in * (2 if fusion == "swiglu" else 1) > 512 * 32 * w:
-                continue  # over 512 code bytes a thread: spills
-            out.append((f"bo{bo} w{w} pf", GemvConfig(bo, n_in, 1, w, 3, True, True)))
-    if n_in > 2048:  # a loop over I: only the scales and the residual are prefetched
-        out.append(("bo8 bk2048 w8 pf", GemvConfig(8, 2048, 1, 8, 3, True, True)))
-        out.append(("bo8 bk2048 w8 s4 pf", GemvConfig(8, 2048, 1, 8, 4, True, True)))
+        for w in (4, 8, 16):
+            for bk in sorted({2048, n_in}):
+                rows = bo * (2 if fusion == "swiglu" else 1)
+                if rows * bk > 512 * 32 * w or rows * bk < 16 * 32 * w:
+                    continue  # over 512 code bytes a thread (spills), or under one load
+                cfg = GemvConfig(bo, bk, 1, w, 3, True)
+                if cfg != base:
+                    out.append((f"bo{bo} bk{bk} w{w}", cfg))
+    if n_in > 2048:  # a loop over I: deeper pipelining
+        out.append(("bo8 bk2048 w8 s4", GemvConfig(8, 2048, 1, 8, 4, True)))
+        out.append(("bo4 bk1024 w4 s4", GemvConfig(4, 1024, 1, 4, 4, True)))
     return out
 
 
+def kernel_us(f, args, interpret: bool) -> tuple[float, float]:
+    """(median µs of one `int8_matmul` kernel as the GPU ran it, from a jax.profiler trace;
+    wall-clock µs per call): launch gaps and host time are not in the first. On CPU (no GPU
+    plane) the first is the second."""
+    wall = timed(f, *args, reps=10)
+    if interpret:
+        return wall * 1e6, wall * 1e6
+    from jax.profiler import ProfileData
+
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d)
+    out = None
+    for _ in range(3):
+        out = f(*args)
+    jax.block_until_ready(out)
+    jax.profiler.stop_trace()
+    path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+    times = [
+        ev.duration_ns
+        for plane in ProfileData.from_file(path).planes
+        if plane.name.startswith("/device:GPU")
+        for line in plane.lines
+        if line.name.startswith("Stream")
+        for ev in line.events
+        if ev.name.startswith("int8_matmul")
+    ]
+    times.sort()
+    return times[len(times) // 2] / 1e3, wall * 1e6
+
+
 def sweep(products, budget_s: float, interpret: bool) -> dict:
-    """Per product: µs per launch of each candidate; returns the best launch per shape."""
+    """Per product: GPU µs of each candidate launch's kernel; returns the best per shape."""
     kind, peak = device_peak()
     peak = peak or float("nan")
     best = {}
@@ -73,16 +106,14 @@ def sweep(products, budget_s: float, interpret: bool) -> dict:
         scale = jnp.full((n_out,), 0.002, jnp.float32)
         args = fusion_args(fusion, n_out, n_in, keys[1]) if fusion != "none" else {}
         want = int8_matmul_reference(x, codes[0], scale, **args)
-        print(f"\n| {kind} {name}: [1, {n_in}] x [{n_out}, {n_in}]^T, {layers} per call | µs | "
-              "GB/s | % HBM | rel err |")  # fmt: skip
-        print("|---|---|---|---|---|")
+        print(f"\n| {kind} {name}: [1, {n_in}] x [{n_out}, {n_in}]^T, {layers} per call | "
+              "kernel µs | GB/s | % HBM | wall µs per GEMV | rel err |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
         results = []
         for label, cfg in candidates(n_out, n_in, fusion):
             if time.perf_counter() - t0 > budget_s:
-                print("| (budget spent) | | | | |")
+                print("| (budget spent) | | | | | |")
                 break
-            if cfg.block_o < qm.MIN_ROW_BLOCK and fusion != "swiglu":
-                continue
             try:
                 f = jax.jit(
                     lambda x, cs, cfg=cfg, s=scale, a=args: [
@@ -90,20 +121,22 @@ def sweep(products, budget_s: float, interpret: bool) -> dict:
                     ]
                 )
                 err = rel_err(f(x, codes)[0], want)
-                t = timed(f, x, codes, reps=20) / layers
+                t, wall = kernel_us(f, (x, codes), interpret)
             except Exception as e:  # one failing launch must not hide the others
-                print(f"| {label} | failed: {type(e).__name__}: {str(e)[:120]} | | | |")
+                print(f"| {label} | failed: {type(e).__name__}: {str(e)[:120]} | | | | |")
                 continue
             ok = err <= 2.0**-6
-            gbs = n_out * n_in / t / 1e9
-            print(f"| {label} | {t * 1e6:.2f} | {gbs:.0f} | {100 * gbs / 1e3 / peak:.0f}% | "
-                  f"{err:.2g}{'' if ok else ' FAIL'} |", flush=True)  # fmt: skip
+            gbs = n_out * n_in / t / 1e3
+            pct = 100 * gbs / 1e3 / peak
+            flag = "" if ok else " FAIL"
+            print(f"| {label} | {t:.2f} | {gbs:.0f} | {pct:.0f}% | {wall / layers:.2f} | "
+                  f"{err:.2g}{flag} |", flush=True)  # fmt: skip
             if ok:
                 results.append((t, label, cfg))
         if results:
             t, label, cfg = min(results, key=lambda r: r[0])
             best[(n_out, n_in)] = cfg
-            print(f"best: {label} {cfg} {t * 1e6:.2f} µs")
+            print(f"best: {label} {cfg} {t:.2f} µs")
     return best
 
 
@@ -222,12 +255,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=20, help="sweep seconds per product")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--steps", action="store_true", help="also bf16 with 8 steps per check")
     args = ap.parse_args()
     t0 = time.perf_counter()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
     picks = {}
     if not args.no_sweep:
-        products = QUICK_PRODUCTS if args.quick else PRODUCTS + [HEAD]
+        products = QUICK_PRODUCTS if args.quick else PRODUCTS
         picks = sweep(products, args.budget_s, args.quick)
         print("\nPICKS =", picks)
         print(f"(sweep done at {time.perf_counter() - t0:.0f} s)", flush=True)
@@ -235,18 +269,12 @@ def main() -> None:
     runs = [
         (f"{dtype} XLA", None, BASE_DEFAULT, 1, "xla", "bf16"),
         ("int8 fused, default launches", "int8", launches(None, False), 1, "xla", "int8-default"),
-        ("int8 fused, default + prefetch", "int8", launches(None, True), 1, "xla", None),
     ]
-    best = launches(picks, True) if picks else launches(None, True)
-    best_label = "this run's picks" if picks else "default + prefetch"
     if picks:
-        runs.append((f"int8 fused, {best_label}", "int8", best, 1, "xla", "int8-picks"))
-    runs += [
-        (f"{dtype} XLA, 8 steps per check", None, BASE_DEFAULT, 8, "xla", None),
-        (f"int8 fused, {best_label}, 8 steps per check", "int8", best, 8, "xla", None),
-        (f"{dtype} flash, 8 steps per check", None, BASE_DEFAULT, 8, "flash", None),
-        (f"int8 fused, {best_label}, flash, 8 steps per check", "int8", best, 8, "flash", None),
-    ]
+        runs.append(("int8 fused, this run's picks", "int8", launches(picks, False), 1, "xla",
+                     "int8-picks"))  # fmt: skip
+    if args.steps:
+        runs.append((f"{dtype} XLA, 8 steps per check", None, BASE_DEFAULT, 8, "xla", None))
     results, first_tokens = [], {}  # tokens of the first run of each quantization
     for label, quant, config, k, attention, prof in runs:
         try:

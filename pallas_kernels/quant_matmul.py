@@ -103,7 +103,7 @@ def supports(rows: int, n_out: int, n_in: int) -> bool:
     min_o = MIN_ROW_BLOCK if rows == 1 else MIN_BLOCK
     return (
         0 < rows <= MAX_ROWS
-        and fit_block(n_out, cfg.block_o, min_o) > 0
+        and fit_block(n_out, max(cfg.block_o, min_o), min_o) > 0
         and fit_block(n_in, cfg.block_k) > 0
     )
 
@@ -208,7 +208,8 @@ def int8_matmul(
         cfg = dataclasses.replace(cfg, num_splits=1)
     # SwiGLU reads two rows per output (gate and up): one row may take 2 outputs per program.
     min_o = (MIN_ROW_BLOCK // 2 if swiglu else MIN_ROW_BLOCK) if m == 1 else MIN_BLOCK
-    bo = fit_block(width, cfg.block_o, min_o)
+    # a launch tuned for a SwiGLU product (2 outputs = 4 rows a program) may serve a plain one
+    bo = fit_block(width, max(cfg.block_o, min_o), min_o)
     if not bo:
         half = f" (half of {n_out} gate/up rows)" if swiglu else ""
         raise ValueError(f"int8_matmul: no block of {min_o}..{cfg.block_o} divides O={width}{half}")
