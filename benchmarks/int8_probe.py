@@ -1,14 +1,14 @@
 """Where batch-1 decode time goes on a GPU, and which int8 GEMV launches shorten it (issue 5:
 int8 weight-only decode >= 1.5x bf16 at batch 1).
 
-1. The fused GEMVs of one Llama-3.2-1B layer, each launch candidate (with and without
-   `prefetch`) run as one jit over several distinct weights (past L2), its kernel timed by
-   the GPU itself (a jax.profiler trace): wall-clock time per call measured launch and host
-   overheads as much as the kernels (a first run of this script picked launches by wall
-   clock that were 2x slower in decode).
-2. Batch-1 decode tok/s (128-token prompt, 128 new tokens): bf16 XLA, int8 under the default
-   launches and under this run's best launch per shape.
-3. For each decode row, a trace of 16 and of 48 decode steps: the difference over 32 tokens
+1. The fused GEMVs of one Llama-3.2-1B layer, each launch candidate (the default, the last
+   run's best, and dot-path launches) run as one jit over several distinct weights (past L2),
+   its kernel timed by the GPU itself (a jax.profiler trace): wall-clock time per call
+   measured launch and host overheads as much as the kernels (a first run of this script
+   picked launches by wall clock that were 2x slower in decode).
+2. Batch-1 decode tok/s (128-token prompt, 128 new tokens): bf16 XLA, int8 under the last
+   run's best launch and under this run's best launch per shape.
+3. For the last decode row, a trace of 16 and of 48 decode steps: the difference over 32 tokens
    gives each kernel's GPU time per token, the kernels per token and the GPU's idle time.
 
     python benchmarks/int8_probe.py [--quick] [--budget-s 35] [--steps]
@@ -41,24 +41,22 @@ HEAD = ("head", (128256, 2048), "none")
 BASE_DEFAULT = qm.default_config
 
 
+# The best one-row launch for all four layer products in the previous run (kernel µs from
+# traces: qkv 5.34, o 4.13, down 9.79; gate/up 16.16 against the default's 15.78).
+PREV = GemvConfig(4, 2048, 1, 8, 3, True)
+# Dot-path launches (block_o, block_k, warps, stages): the row broadcast to a 16-row dot per
+# chunk, chunks pipelined through shared memory, the shape of XLA's bf16 GEMV kernels.
+DOT = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 4), (16, 128, 2, 4),
+       (64, 256, 4, 3), (16, 256, 2, 3), (32, 512, 8, 3)]  # fmt: skip
+
+
 def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig]]:
     base = BASE_DEFAULT(1, n_out, n_in)
-    out = [("default", base), ("default+pf", dataclasses.replace(base, prefetch=True))]
-    if n_out >= 100000:  # the head: long enough that launch latency hardly shows
-        return out
-    bos = (2, 4, 8) if fusion == "swiglu" else (4, 8, 16)
-    for bo in bos:
-        for w in (4, 8, 16):
-            for bk in sorted({2048, n_in}):
-                rows = bo * (2 if fusion == "swiglu" else 1)
-                if rows * bk > 512 * 32 * w or rows * bk < 16 * 32 * w:
-                    continue  # over 512 code bytes a thread (spills), or under one load
-                cfg = GemvConfig(bo, bk, 1, w, 3, True)
-                if cfg != base:
-                    out.append((f"bo{bo} bk{bk} w{w}", cfg))
-    if n_in > 2048:  # a loop over I: deeper pipelining
-        out.append(("bo8 bk2048 w8 s4", GemvConfig(8, 2048, 1, 8, 4, True)))
-        out.append(("bo4 bk1024 w4 s4", GemvConfig(4, 1024, 1, 4, 4, True)))
+    out = [("default", base), ("bo4 bk2048 w8", PREV)]
+    dots = DOT + ([(16, 1024, 4, 3)] if n_in > 2048 else [])
+    for bo, bk, w, st in dots:
+        cfg = GemvConfig(bo, bk, 1, w, st, False, False, True)
+        out.append((f"dot bo{bo} bk{bk} w{w} s{st}", cfg))
     return out
 
 
@@ -266,9 +264,10 @@ def main() -> None:
         print("\nPICKS =", picks)
         print(f"(sweep done at {time.perf_counter() - t0:.0f} s)", flush=True)
     model, dtype = ("tiny", "float32") if args.quick else ("llama-3.2-1b", "bfloat16")
+    prev = {shape: PREV for _, shape, _ in PRODUCTS}
     runs = [
-        (f"{dtype} XLA", None, BASE_DEFAULT, 1, "xla", "bf16"),
-        ("int8 fused, default launches", "int8", launches(None, False), 1, "xla", "int8-default"),
+        (f"{dtype} XLA", None, BASE_DEFAULT, 1, "xla", None),
+        ("int8 fused, bo4 bk2048 w8", "int8", launches(prev, False), 1, "xla", None),
     ]
     if picks:
         runs.append(("int8 fused, this run's picks", "int8", launches(picks, False), 1, "xla",

@@ -45,7 +45,10 @@ class GemvConfig:
     [block_o, block_k] partial products until the end (fewer registers, so wider chunks);
     `prefetch`: every load that depends on nothing (the scales, the residual, and the codes
     and x when I is one chunk) is issued before any arithmetic, so a program waits for memory
-    once instead of once per barrier (the norm's and the sum's reductions each end in one)."""
+    once instead of once per barrier (the norm's and the sum's reductions each end in one);
+    `dot`: one row takes the several-rows path (padded to 16 rows, a dot per chunk), whose
+    chunk loads Triton pipelines through shared memory `num_stages` deep, as XLA's own
+    GEMV-shaped GEMMs do."""
 
     block_o: int = BLOCK_O
     block_k: int = BLOCK_K
@@ -54,6 +57,7 @@ class GemvConfig:
     num_stages: int = 3
     chunk_reduce: bool = False
     prefetch: bool = False
+    dot: bool = False
 
 
 def fit_block(n: int, want: int, minimum: int = MIN_BLOCK) -> int:
@@ -100,7 +104,7 @@ def default_config(rows: int, n_out: int, n_in: int) -> GemvConfig:
 def supports(rows: int, n_out: int, n_in: int) -> bool:
     """Whether `int8_matmul` takes these shapes (rows M, codes [O, I]) with its default launch."""
     cfg = default_config(rows, n_out, n_in)
-    min_o = MIN_ROW_BLOCK if rows == 1 else MIN_BLOCK
+    min_o = MIN_ROW_BLOCK if rows == 1 and not cfg.dot else MIN_BLOCK
     return (
         0 < rows <= MAX_ROWS
         and fit_block(n_out, max(cfg.block_o, min_o), min_o) > 0
@@ -206,8 +210,9 @@ def int8_matmul(
     cfg = dataclasses.replace(config or default_config(m, n_out, n_in), **overrides)
     if fused:  # the epilogue needs whole sums in one program
         cfg = dataclasses.replace(cfg, num_splits=1)
+    one_row = m == 1 and not cfg.dot
     # SwiGLU reads two rows per output (gate and up): one row may take 2 outputs per program.
-    min_o = (MIN_ROW_BLOCK // 2 if swiglu else MIN_ROW_BLOCK) if m == 1 else MIN_BLOCK
+    min_o = (MIN_ROW_BLOCK // 2 if swiglu else MIN_ROW_BLOCK) if one_row else MIN_BLOCK
     # a launch tuned for a SwiGLU product (2 outputs = 4 rows a program) may serve a plain one
     bo = fit_block(width, max(cfg.block_o, min_o), min_o)
     if not bo:
@@ -224,6 +229,7 @@ def int8_matmul(
         raise ValueError(f"int8_matmul: num_splits={num_splits} does not cut I={n_in} into "
                          f"multiples of {MIN_BLOCK}")  # fmt: skip
     _, interpret = resolve_platform("gpu", interpret)
+    # one row through the dot path stays one row in memory: the kernel broadcasts it
     rows = 1 if m == 1 else max(MIN_BLOCK, next_pow2(m))
 
     def pad(a):
@@ -239,7 +245,8 @@ def int8_matmul(
         extra.append(norm_weight.reshape(1, n_in))
     if residual is not None:
         extra.append(pad(residual.astype(x.dtype)))
-    launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce, cfg.prefetch)
+    launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce, cfg.prefetch,
+              cfg.dot and m == 1)  # fmt: skip
     out = _int8_matmul_call(
         pad(x), codes, scale.reshape(1, n_out), tuple(extra), launch, fusion, interpret
     )
@@ -248,7 +255,15 @@ def int8_matmul(
     return out[:m].astype(x.dtype)
 
 
-def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion, prefetch: bool):
+def _kernel(
+    *refs,
+    block_k: int,
+    chunks: int,
+    chunk_reduce: bool,
+    fusion: Fusion,
+    prefetch: bool,
+    row_dot: bool,
+):
     """x_ref [rows, split], (norm_ref [1, I]), q_ref [bo, split], s_ref [1, bo], (swiglu:
     the up rows' q and s), (res_ref [rows, bo]) -> o_ref [rows, bo]."""
     it = iter(refs)
@@ -263,7 +278,7 @@ def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion
     o_ref = next(it)
     rows = x_ref.shape[0]
     bo = q_refs[0].shape[0]
-    one_row = rows == 1
+    one_row = rows == 1 and not row_dot
     dt = x_ref.dtype
     f32 = jnp.float32
 
@@ -290,9 +305,12 @@ def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion
             if one_row:
                 prod = q.astype(f32) * x.astype(f32)
                 out.append(acc + (jnp.sum(prod, axis=1) if chunk_reduce else prod))
-            else:
+            else:  # row_dot: the row repeated to the smallest dot's 16 rows
+                xd = jnp.broadcast_to(x, (MIN_BLOCK, x.shape[1])) if row_dot else x
                 dims = (((1,), (1,)), ((), ()))
-                out.append(acc + lax.dot_general(x, q.astype(dt), dims, preferred_element_type=f32))
+                out.append(
+                    acc + lax.dot_general(xd, q.astype(dt), dims, preferred_element_type=f32)
+                )
         return tuple(out)
 
     def body(c, accs):
@@ -304,7 +322,7 @@ def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion
     if one_row:
         init = jnp.zeros((bo,) if chunk_reduce else (bo, block_k), f32)
     else:
-        init = jnp.zeros((rows, bo), f32)
+        init = jnp.zeros((MIN_BLOCK if row_dot else rows, bo), f32)
     inits = tuple(init for _ in q_refs)
     if whole:
         accs = products(x_whole, norm_whole, lambda: q_whole, inits)
@@ -314,6 +332,8 @@ def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion
     for i, (acc, s_ref) in enumerate(zip(accs, s_refs, strict=True)):
         if one_row:
             acc = (acc if chunk_reduce else jnp.sum(acc, axis=1))[None, :]
+        elif row_dot:  # 16 equal rows: their max is the row, exactly
+            acc = jnp.max(acc, axis=0, keepdims=True)
         ys.append(acc * (scales[i] if prefetch else s_ref[...]).astype(f32))
     y = ys[0]
     if fusion.swiglu:  # each rounded to dt, as the unfused product's outputs are
@@ -327,7 +347,7 @@ def _kernel(*refs, block_k: int, chunks: int, chunk_reduce: bool, fusion: Fusion
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
-    bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch = launch
+    bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch, row_dot = launch
     rows, n_in = x.shape
     width = codes.shape[0] // 2 if fusion.swiglu else codes.shape[0]
     split_len = n_in // splits
@@ -338,6 +358,7 @@ def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
         chunk_reduce=chunk_reduce,
         fusion=fusion,
         prefetch=prefetch,
+        row_dot=row_dot,
     )
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows, width), x.dtype)
