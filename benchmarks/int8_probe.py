@@ -1,17 +1,18 @@
 """Where batch-1 decode time goes on a GPU, and which int8 GEMV launches shorten it (issue 5:
 int8 weight-only decode >= 1.5x bf16 at batch 1).
 
-1. The fused GEMVs of one Llama-3.2-1B layer, each launch candidate (the default, the last
-   run's best, and dot-path launches) run as one jit over several distinct weights (past L2),
-   its kernel timed by the GPU itself (a jax.profiler trace): wall-clock time per call
-   measured launch and host overheads as much as the kernels (a first run of this script
-   picked launches by wall clock that were 2x slower in decode).
-2. Batch-1 decode tok/s (128-token prompt, 128 new tokens): bf16 XLA, int8 under the last
-   run's best launch and under this run's best launch per shape.
+1. The fused GEMVs of one Llama-3.2-1B layer, each launch candidate (the default, with
+   prefetch, elementwise launches around it, and dot-path launches) run as one jit over
+   several distinct weights (past L2), its kernel timed by the GPU itself (a jax.profiler
+   trace): wall-clock time per call measured launch and host overheads as much as the
+   kernels (a first run of this script picked launches by wall clock that were 2x slower
+   in decode).
+2. Batch-1 decode tok/s (128-token prompt, 128 new tokens): bf16 XLA, int8 under the default
+   launches and under this run's best launch per shape.
 3. For the last decode row, a trace of 16 and of 48 decode steps: the difference over 32 tokens
    gives each kernel's GPU time per token, the kernels per token and the GPU's idle time.
 
-    python benchmarks/int8_probe.py [--quick] [--budget-s 35] [--steps]
+    python benchmarks/int8_probe.py [--quick] [--budget-s 35]
 
 `--quick`: tiny shapes and model, interpreted on CPU (checks that the script runs).
 """
@@ -37,13 +38,9 @@ from kernels import device_peak, timed
 from pallas_kernels import quant_matmul as qm
 from pallas_kernels.quant_matmul import GemvConfig, int8_matmul, int8_matmul_reference
 
-HEAD = ("head", (128256, 2048), "none")
 BASE_DEFAULT = qm.default_config
 
 
-# The best one-row launch for all four layer products in the previous run (kernel µs from
-# traces: qkv 5.34, o 4.13, down 9.79; gate/up 16.16 against the default's 15.78).
-PREV = GemvConfig(4, 2048, 1, 8, 3, True)
 # Dot-path launches (block_o, block_k, warps, stages): the row broadcast to a 16-row dot per
 # chunk, chunks pipelined through shared memory, the shape of XLA's bf16 GEMV kernels.
 DOT = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 4), (16, 128, 2, 4),
@@ -51,12 +48,18 @@ DOT = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 4), (16, 
 
 
 def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig]]:
+    """The default launch, elementwise launches around it, and dot-path launches."""
     base = BASE_DEFAULT(1, n_out, n_in)
-    out = [("default", base), ("bo4 bk2048 w8", PREV)]
-    dots = DOT + ([(16, 1024, 4, 3)] if n_in > 2048 else [])
-    for bo, bk, w, st in dots:
-        cfg = GemvConfig(bo, bk, 1, w, st, False, False, True)
-        out.append((f"dot bo{bo} bk{bk} w{w} s{st}", cfg))
+    out = [("default", base), ("default+pf", dataclasses.replace(base, prefetch=True))]
+    for bo in (2, 4, 8) if fusion == "swiglu" else (4, 8, 16):
+        for w in (4, 8, 16):
+            cfg = GemvConfig(bo, 2048, 1, w, 3, True)
+            if cfg != base:
+                out.append((f"bo{bo} bk2048 w{w}", cfg))
+    for bo, bk, w, st in DOT + ([(16, 1024, 4, 3)] if n_in > 2048 else []):
+        out.append(
+            (f"dot bo{bo} bk{bk} w{w} s{st}", GemvConfig(bo, bk, 1, w, st, False, False, True))
+        )
     return out
 
 
@@ -138,17 +141,13 @@ def sweep(products, budget_s: float, interpret: bool) -> dict:
     return best
 
 
-def launches(picks: dict | None, prefetch: bool):
-    """A `default_config` for one-row launches: `picks` per shape, else the default, with
-    prefetch set as asked."""
+def launches(picks: dict):
+    """A `default_config` taking one-row launches from `picks` (per shape) where it has one."""
 
     def config(rows, n_out, n_in):
-        cfg = BASE_DEFAULT(rows, n_out, n_in)
-        if rows != 1:
-            return cfg
-        if picks and (n_out, n_in) in picks:
+        if rows == 1 and (n_out, n_in) in picks:
             return picks[(n_out, n_in)]
-        return dataclasses.replace(cfg, prefetch=prefetch)
+        return BASE_DEFAULT(rows, n_out, n_in)
 
     return config
 
@@ -214,7 +213,7 @@ def profile(gen, prompts, label: str) -> None:
             print(f"| {k} | {c:.1f} | {t / c:.2f} | {t:.1f} | {details.get(k, '')} |")
 
 
-def decode(model, dtype, quant, config, steps_per_check, attention, prof, quick: bool):
+def decode(model, dtype, quant, config, prof, quick: bool):
     from gpu_check import _weights
 
     from jaxllm.generate import Generator
@@ -224,11 +223,11 @@ def decode(model, dtype, quant, config, steps_per_check, attention, prof, quick:
     from jaxllm.sampling import SamplingParams
 
     loaded = _weights(model)
-    net = Transformer(loaded.config, loaded.params, dtype=jnp.dtype(dtype), attention=attention,
+    net = Transformer(loaded.config, loaded.params, dtype=jnp.dtype(dtype), attention="xla",
                       rope_factors=loaded.rope_factors)  # fmt: skip
     if quant:
         net = quantize_model(net, quant)
-    gen = Generator(net, steps_per_check=steps_per_check)
+    gen = Generator(net)
     tokens = 16 if quick else 128
     prompts = [list(range(1, 129))]
     p = [SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)]
@@ -253,7 +252,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=20, help="sweep seconds per product")
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--steps", action="store_true", help="also bf16 with 8 steps per check")
     args = ap.parse_args()
     t0 = time.perf_counter()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
@@ -264,35 +262,26 @@ def main() -> None:
         print("\nPICKS =", picks)
         print(f"(sweep done at {time.perf_counter() - t0:.0f} s)", flush=True)
     model, dtype = ("tiny", "float32") if args.quick else ("llama-3.2-1b", "bfloat16")
-    prev = {shape: PREV for _, shape, _ in PRODUCTS}
     runs = [
-        (f"{dtype} XLA", None, BASE_DEFAULT, 1, "xla", None),
-        ("int8 fused, bo4 bk2048 w8", "int8", launches(prev, False), 1, "xla", None),
+        (f"{dtype} XLA", None, BASE_DEFAULT, None),
+        ("int8 fused, default launches", "int8", BASE_DEFAULT, None),
     ]
     if picks:
-        runs.append(("int8 fused, this run's picks", "int8", launches(picks, False), 1, "xla",
-                     "int8-picks"))  # fmt: skip
-    if args.steps:
-        runs.append((f"{dtype} XLA, 8 steps per check", None, BASE_DEFAULT, 8, "xla", None))
+        runs.append(("int8 fused, this run's picks", "int8", launches(picks), "int8-picks"))
     results, first_tokens = [], {}  # tokens of the first run of each quantization
-    for label, quant, config, k, attention, prof in runs:
+    for label, quant, config, prof in runs:
         try:
-            tps, ids = decode(model, dtype, quant, config, k, attention, prof, args.quick)
+            tps, ids = decode(model, dtype, quant, config, prof, args.quick)
         except Exception as e:
             print(f"| {label} | failed: {type(e).__name__}: {str(e)[:300]} |", flush=True)
             continue
         same = ids == first_tokens.setdefault(quant, ids)
         results.append((label, tps, same))
         print(f"{label}: {tps:.1f} tok/s (at {time.perf_counter() - t0:.0f} s)", flush=True)
-    print(f"\n| decode {model} batch 1 | tok/s | vs {dtype} (same loop, attention) | "
-          "same tokens as its first run |")  # fmt: skip
+    print(f"\n| decode {model} batch 1 | tok/s | vs {dtype} | same tokens as its first run |")
     print("|---|---|---|---|")
-    ref = {}
     for label, tps, same in results:
-        k = (8 if "8 steps" in label else 1, "flash" in label)
-        if not label.startswith("int8"):
-            ref[k] = tps
-        print(f"| {label} | {tps:.1f} | {tps / ref.get(k, float('nan')):.2f}x | {same} |")
+        print(f"| {label} | {tps:.1f} | {tps / results[0][1]:.2f}x | {same} |")
     print(f"(total {time.perf_counter() - t0:.0f} s)")
 
 

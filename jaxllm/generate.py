@@ -80,11 +80,6 @@ class GeneratorPrograms:
     graphdef: Any
     config: ModelConfig
     cache_dtype: Any
-    # Decode steps per check of the loop's condition. The condition is read on the host (a
-    # device-to-host copy and a wait) before each trip of the while loop, so k > 1 pays that
-    # once per k steps; a row that stops mid-trip has its later tokens masked, and up to k - 1
-    # steps after the last row stopped are computed and dropped.
-    steps_per_check: int = 1
 
     def model(self, state):
         return nnx.merge(self.graphdef, state)
@@ -134,40 +129,30 @@ def decode_impl(
     def is_stop(tok):
         return jnp.any(tok[:, None] == stop_ids, axis=-1)
 
-    k = programs.steps_per_check
-    limit = s - prompt_len  # steps that fit in the cache
+    out = jnp.zeros((b, s), jnp.int32).at[:, 0].set(first)
+    n = jnp.ones((b,), jnp.int32)
+    done = is_stop(first) | (n >= max_new)
 
     def cond(c):
         _, _, step, _, done, _ = c
-        return (step < limit) & ~jnp.all(done)
+        return (step < s - prompt_len) & ~jnp.all(done)
 
-    def step_fn(c):
+    def body(c):
         cache, tok, step, out, done, n = c
-        done = done | (step >= limit)  # past the cache (a trip of k > 1 steps): write nothing
         slot = prompt_len + step - 1  # where `tok` goes
         positions = (slot - starts)[:, None]
         mask = (kv >= starts[:, None, None]) & (kv <= slot)
         logits, cache = model(tok[:, None], positions, mask, cache, slot)
         nxt = sample(logits[:, -1], sp, step)
         nxt = jnp.where(done, 0, nxt)
-        # out has k - 1 spare columns, so a step past the cache never lands on a kept token
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
         n = n + (~done).astype(jnp.int32)
         done = done | is_stop(nxt) | (n >= max_new)
         return cache, nxt, step + 1, out, done, n
 
-    def body(c):
-        if k == 1:
-            return step_fn(c)
-        return jax.lax.fori_loop(0, k, lambda _, c: step_fn(c), c)
-
-    out = jnp.zeros((b, s + k - 1), jnp.int32).at[:, 0].set(first)
-    n = jnp.ones((b,), jnp.int32)
-    done = is_stop(first) | (n >= max_new)
     init = (cache, first, jnp.int32(1), out, done, n)
     cache, _, steps, out, _, n = jax.lax.while_loop(cond, body, init)
-    # k > 1: the steps run after every row stopped are not counted (n stops growing then)
-    return cache, out[:, :s], n, steps if k == 1 else jnp.max(n)
+    return cache, out, n, steps
 
 
 def forward_impl(programs: GeneratorPrograms, state, tokens):
@@ -193,17 +178,7 @@ def programs_for(programs: GeneratorPrograms) -> tuple[Callable, Callable, Calla
 class Generator:
     """Holds the split model and its compiled prefill/decode/forward programs."""
 
-    def __init__(
-        self,
-        model: Transformer,
-        *,
-        max_batch: int = 64,
-        cache_dtype=None,
-        steps_per_check: int = 1,
-    ):
-        if not 1 <= steps_per_check <= 64:
-            raise JaxLLMError(f"steps_per_check={steps_per_check} must be in [1, 64]")
-        self.steps_per_check = steps_per_check
+    def __init__(self, model: Transformer, *, max_batch: int = 64, cache_dtype=None):
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self.cache_dtype = jnp.dtype(cache_dtype or default_cache_dtype(model))
@@ -215,9 +190,7 @@ class Generator:
 
     def _programs(self) -> GeneratorPrograms:
         """What the programs are traced from (a sharded generator returns its own kind)."""
-        return GeneratorPrograms(
-            self.graphdef, self.config, self.cache_dtype, steps_per_check=self.steps_per_check
-        )
+        return GeneratorPrograms(self.graphdef, self.config, self.cache_dtype)
 
     def _new_cache(self, batch: int, length: int):
         return self.programs.new_cache(batch, length)

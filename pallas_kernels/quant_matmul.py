@@ -45,10 +45,11 @@ class GemvConfig:
     [block_o, block_k] partial products until the end (fewer registers, so wider chunks);
     `prefetch`: every load that depends on nothing (the scales, the residual, and the codes
     and x when I is one chunk) is issued before any arithmetic, so a program waits for memory
-    once instead of once per barrier (the norm's and the sum's reductions each end in one);
-    `dot`: one row takes the several-rows path (padded to 16 rows, a dot per chunk), whose
-    chunk loads Triton pipelines through shared memory `num_stages` deep, as XLA's own
-    GEMV-shaped GEMMs do."""
+    once instead of once per barrier; `dot`: one row is broadcast to a 16-row dot per chunk,
+    whose loads Triton pipelines through shared memory `num_stages` deep, as in XLA's own
+    GEMV-shaped GEMMs. Both are sweep options: on an H100 neither beat the default launch on
+    any Llama-3.2-1B product (prefetch held more registers, the dot path moved 16x the rows
+    through the dot; benchmarks/results/int8_probe_h100.md)."""
 
     block_o: int = BLOCK_O
     block_k: int = BLOCK_K
@@ -73,15 +74,17 @@ def compiles_on_gpu() -> bool:
     return gpu_compiler_params(4, 3) is not None
 
 
-# One-row launches measured fastest on an H100 (benchmarks/int8_sweep.py, results in
-# benchmarks/results/int8_sweep_h100.md) for Llama-3.2-1B's layers, keyed by codes [O, I]:
-# fused qkv, o, fused gate/up, down, the tied head. Launches within ~20% of each other swap
-# places from run to run; these are the last run's picks.
+# One-row launches for Llama-3.2-1B's layers on an H100, keyed by codes [O, I]: fused qkv, o,
+# fused gate/up, down, the tied head. Picked by the kernels' own GPU time in jax.profiler
+# traces (benchmarks/int8_probe.py, results in benchmarks/results/int8_probe_h100.md): in two
+# runs 4 outputs a program, 2048-wide chunks and 8 warps was fastest or tied on all four layer
+# products (qkv 5.3 µs, o 4.1, gate/up 15.8-15.9, down 9.8). The head's launch is the earlier
+# wall-clock pick (88 µs in decode traces, 2.98 TB/s).
 TUNED_ONE_ROW = {
-    (3072, 2048): GemvConfig(8, 2048, 1, 8, 3, True),
-    (2048, 2048): GemvConfig(16, 2048, 1, 8, 3, True),
+    (3072, 2048): GemvConfig(4, 2048, 1, 8, 3, True),
+    (2048, 2048): GemvConfig(4, 2048, 1, 8, 3, True),
     (16384, 2048): GemvConfig(4, 2048, 1, 8, 3, True),
-    (2048, 8192): GemvConfig(8, 2048, 1, 8, 3, True),
+    (2048, 8192): GemvConfig(4, 2048, 1, 8, 3, True),
     (128256, 2048): GemvConfig(4, 2048, 1, 4, 3, True),
 }
 
@@ -89,16 +92,16 @@ TUNED_ONE_ROW = {
 def default_config(rows: int, n_out: int, n_in: int) -> GemvConfig:
     """The launch used when the caller gives none (rows M, codes [O, I]).
 
-    One row: a measured launch for a known shape, else narrow tiles (4-8 outputs) streaming
-    2048-wide chunks, one program per tile and no split: on an H100 these beat wide tiles with
-    split partial sums (an extra kernel) on every layer swept. Several rows: the dot path's
-    32 x 256 tiles."""
+    One row: a measured launch for a known shape, else narrow tiles (4 outputs) streaming
+    2048-wide chunks with 8 warps, one program per tile and no split: on an H100 these beat
+    wide tiles with split partial sums (an extra kernel) and the dot path on every layer
+    swept. Several rows: the dot path's 32 x 256 tiles."""
     if rows != 1:
         return GemvConfig()
     tuned = TUNED_ONE_ROW.get((n_out, n_in))
     if tuned is not None:
         return tuned
-    return GemvConfig(4 if n_out <= 2048 else 8, 2048, 1, 8, 3, True)
+    return GemvConfig(4, 2048, 1, 8, 3, True)
 
 
 def supports(rows: int, n_out: int, n_in: int) -> bool:

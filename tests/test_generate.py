@@ -150,31 +150,3 @@ def test_bfloat16_generation_agrees_with_float32_on_first_tokens(tiny_config):
 def test_bucket():
     assert [bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
     assert bucket(3, minimum=1) == 4
-
-
-@pytest.mark.parametrize("k", [4, 7])
-def test_several_steps_per_check_decode_the_same(tiny_gen, tiny_config, k):
-    """Oracle: the one-step-per-check loop. Rows stop mid-trip (a stop id, max_tokens) and a
-    trip runs past the cache's end (16-token prompt bucket, 16 new tokens: 32 slots)."""
-    multi = Generator(Transformer(tiny_config, random_params(tiny_config, seed=0, scale=0.3)),
-                      steps_per_check=k)  # fmt: skip
-    free = tiny_gen.generate([PROMPTS[1]], [SamplingParams(temperature=0, max_tokens=12)])[0]
-    params = [
-        SamplingParams(temperature=0, max_tokens=16),
-        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[free.token_ids[4]]),
-        SamplingParams(temperature=0, max_tokens=5),
-        SamplingParams(temperature=0.9, max_tokens=16, seed=3),
-    ]
-    prompts = [PROMPTS[3], PROMPTS[1], PROMPTS[0], PROMPTS[4]]
-    want = tiny_gen.generate(prompts, params)
-    got = multi.generate(prompts, params)
-    assert [g.token_ids for g in got] == [w.token_ids for w in want]
-    assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
-    assert multi.last_timings.decode_steps == tiny_gen.last_timings.decode_steps
-    alone = multi.generate([PROMPTS[2]], [SamplingParams(temperature=0, max_tokens=16)])[0]
-    assert alone.token_ids == greedy_by_recompute(tiny_gen, PROMPTS[2], 16)
-
-
-def test_steps_per_check_out_of_range_is_rejected(tiny_config):
-    with pytest.raises(JaxLLMError, match="steps_per_check=0"):
-        Generator(Transformer(tiny_config, random_params(tiny_config)), steps_per_check=0)
