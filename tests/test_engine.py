@@ -63,8 +63,10 @@ def test_engine_greedy_equals_static_generate(tiny, static_tokens, config):
 
 @pytest.mark.parametrize(
     "kv_dtype,weight_dtype",
-    [("float16", None), ("bfloat16", None), ("float16", "bfloat16")],
-)
+    # f16 pages with f32 weights: slow (the default run has f16 pages under bf16 weights)
+    [pytest.param("float16", None, marks=pytest.mark.slow), ("bfloat16", None),
+     ("float16", "bfloat16")],
+)  # fmt: skip
 def test_engine_half_kv_cache_equals_static_generate(tiny, kv_dtype, weight_dtype):
     """Pages in float16/bfloat16 (read in place by the native CPU attention), and bfloat16
     weights: the engine's greedy tokens equal the static path's with the same dtypes."""

@@ -385,7 +385,7 @@ def test_kernels_lower_for_tpu():
 # wgmma calls are emulated by dots; and its real lowering, wgmma included.
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_mosaic_gpu_forward_interpret(causal):
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 

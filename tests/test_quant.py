@@ -137,7 +137,7 @@ def test_per_token_int8_product_is_exact_integer_arithmetic(k):
 
 
 # VNNI groups (multiples of 64), scalar ones (32), one group per row (256)
-@pytest.mark.parametrize("group", [64, 128, 32, 256])
+@pytest.mark.parametrize("group", [64, pytest.param(128, marks=pytest.mark.slow), 32, 256])
 def test_grouped_int8_matmul_is_the_per_group_integer_product(group):
     """w8a8 with per-group activation scales: for each group the exact integer product of
     the codes `quantize_rows` gives (on CPU the kernel quantizes x itself: an all-zero group,
