@@ -2,7 +2,7 @@
 int8 weight-only decode >= 1.5x bf16 at batch 1).
 
 1. The fused GEMVs of one Llama-3.2-1B layer, each launch candidate (the default, with
-   prefetch, elementwise launches around it, and dot-path launches) run as one jit over
+   prefetch or late_norm, elementwise launches around it) run as one jit over
    several distinct weights (past L2), its kernel timed by the GPU itself (a jax.profiler
    trace): wall-clock time per call measured launch and host overheads as much as the
    kernels (a first run of this script picked launches by wall clock that were 2x slower
@@ -41,25 +41,25 @@ from pallas_kernels.quant_matmul import GemvConfig, int8_matmul, int8_matmul_ref
 BASE_DEFAULT = qm.default_config
 
 
-# Dot-path launches (block_o, block_k, warps, stages): the row broadcast to a 16-row dot per
-# chunk, chunks pipelined through shared memory, the shape of XLA's bf16 GEMV kernels.
-DOT = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 128, 4, 4), (16, 128, 2, 4),
-       (64, 256, 4, 3), (16, 256, 2, 3), (32, 512, 8, 3)]  # fmt: skip
-
-
 def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig]]:
-    """The default launch, elementwise launches around it, and dot-path launches."""
+    """The default launch, with prefetch and (a norm fused) late_norm, and elementwise
+    launches around it: whole 2048-wide chunks and loops over narrower ones. (Dot-path
+    launches lost on every product in the last run: results/int8_probe_h100.md.)"""
     base = BASE_DEFAULT(1, n_out, n_in)
     out = [("default", base), ("default+pf", dataclasses.replace(base, prefetch=True))]
+    if fusion in ("norm", "swiglu"):
+        out.append(("default+late", dataclasses.replace(base, late_norm=True)))
     for bo in (2, 4, 8) if fusion == "swiglu" else (4, 8, 16):
         for w in (4, 8, 16):
             cfg = GemvConfig(bo, 2048, 1, w, 3, True)
             if cfg != base:
                 out.append((f"bo{bo} bk2048 w{w}", cfg))
-    for bo, bk, w, st in DOT + ([(16, 1024, 4, 3)] if n_in > 2048 else []):
-        out.append(
-            (f"dot bo{bo} bk{bk} w{w} s{st}", GemvConfig(bo, bk, 1, w, st, False, False, True))
-        )
+    for bo in (4, 8):
+        for bk in (512, 1024):
+            for w in (4, 8):
+                for late in (False, True) if fusion in ("norm", "swiglu") else (False,):
+                    cfg = GemvConfig(bo, bk, 1, w, 3, True, late_norm=late)
+                    out.append((f"bo{bo} bk{bk} w{w}{' late' if late else ''}", cfg))
     return out
 
 

@@ -49,7 +49,11 @@ class GemvConfig:
     whose loads Triton pipelines through shared memory `num_stages` deep, as in XLA's own
     GEMV-shaped GEMMs. Both are sweep options: on an H100 neither beat the default launch on
     any Llama-3.2-1B product (prefetch held more registers, the dot path moved 16x the rows
-    through the dot; benchmarks/results/int8_probe_h100.md)."""
+    through the dot; benchmarks/results/int8_probe_h100.md). `late_norm` (a product with the
+    RMSNorm fused in): W (w * x) is summed with x's sum of squares in the same pass and scaled
+    by 1/rms at the end, so no reduction stands between a program's start and its code
+    loads; the normalised input is then not rounded to x's dtype, as the unfused norm rounds
+    it (not yet measured on a GPU)."""
 
     block_o: int = BLOCK_O
     block_k: int = BLOCK_K
@@ -59,6 +63,7 @@ class GemvConfig:
     chunk_reduce: bool = False
     prefetch: bool = False
     dot: bool = False
+    late_norm: bool = False
 
 
 def fit_block(n: int, want: int, minimum: int = MIN_BLOCK) -> int:
@@ -249,7 +254,7 @@ def int8_matmul(
     if residual is not None:
         extra.append(pad(residual.astype(x.dtype)))
     launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce, cfg.prefetch,
-              cfg.dot and m == 1)  # fmt: skip
+              cfg.dot and m == 1, cfg.late_norm and norm_weight is not None)  # fmt: skip
     out = _int8_matmul_call(
         pad(x), codes, scale.reshape(1, n_out), tuple(extra), launch, fusion, interpret
     )
@@ -266,6 +271,7 @@ def _kernel(
     fusion: Fusion,
     prefetch: bool,
     row_dot: bool,
+    late_norm: bool,
 ):
     """x_ref [rows, split], (norm_ref [1, I]), q_ref [bo, split], s_ref [1, bo], (swiglu:
     the up rows' q and s), (res_ref [rows, bo]) -> o_ref [rows, bo]."""
@@ -291,20 +297,26 @@ def _kernel(
     q_whole = [q_ref[...] for q_ref in q_refs] if whole else None
     scales = [s_ref[...] for s_ref in s_refs] if prefetch else None
     res = res_ref[...] if prefetch and res_ref is not None else None
-    x_whole = x_ref[...] if whole or norm_ref is not None else None
+    x_whole = x_ref[...] if whole or (norm_ref is not None and not late_norm) else None
     norm_whole = norm_ref[...] if whole and norm_ref is not None else None
+    n_q = len(q_refs)
 
-    if norm_ref is not None:  # the row's RMS, over the whole row, before any chunk
+    if norm_ref is not None and not late_norm:  # the row's RMS, before any chunk
         xf = x_whole.astype(f32)
         inv_rms = lax.rsqrt(jnp.sum(xf * xf, axis=1, keepdims=True) / xf.shape[1]
                             + fusion.norm_eps)  # fmt: skip
 
     def products(x, nrm, load_codes, accs):
-        if norm_ref is not None:  # rounded where RMSNorm rounds: after the RMS, after the weight
+        if late_norm:  # the sum of squares beside the products; w * x in float32
+            x32 = x.astype(f32)
+            ssq = accs[n_q] + jnp.sum(x32 * x32, axis=1, keepdims=True)
+            x = nrm.astype(f32) * x32
+            x = x.astype(dt) if not one_row else x
+        elif norm_ref is not None:  # rounded where RMSNorm rounds: after the RMS, the weight
             x = (x.astype(f32) * inv_rms).astype(dt)
             x = (nrm.astype(f32) * x.astype(f32)).astype(dt)
         out = []
-        for q, acc in zip(load_codes(), accs, strict=True):  # q [bo, bk] int8
+        for q, acc in zip(load_codes(), accs[:n_q], strict=True):  # q [bo, bk] int8
             if one_row:
                 prod = q.astype(f32) * x.astype(f32)
                 out.append(acc + (jnp.sum(prod, axis=1) if chunk_reduce else prod))
@@ -314,6 +326,8 @@ def _kernel(
                 out.append(
                     acc + lax.dot_general(xd, q.astype(dt), dims, preferred_element_type=f32)
                 )
+        if late_norm:
+            out.append(ssq)
         return tuple(out)
 
     def body(c, accs):
@@ -327,17 +341,22 @@ def _kernel(
     else:
         init = jnp.zeros((MIN_BLOCK if row_dot else rows, bo), f32)
     inits = tuple(init for _ in q_refs)
+    if late_norm:
+        inits += (jnp.zeros((rows, 1), f32),)
     if whole:
         accs = products(x_whole, norm_whole, lambda: q_whole, inits)
     else:
         accs = lax.fori_loop(0, chunks, body, inits)
+    if late_norm:
+        inv_rms = lax.rsqrt(accs[n_q] / x_ref.shape[1] + fusion.norm_eps)  # [rows, 1]
     ys = []
-    for i, (acc, s_ref) in enumerate(zip(accs, s_refs, strict=True)):
+    for i, (acc, s_ref) in enumerate(zip(accs[:n_q], s_refs, strict=True)):
         if one_row:
             acc = (acc if chunk_reduce else jnp.sum(acc, axis=1))[None, :]
         elif row_dot:  # 16 equal rows: their max is the row, exactly
             acc = jnp.max(acc, axis=0, keepdims=True)
-        ys.append(acc * (scales[i] if prefetch else s_ref[...]).astype(f32))
+        y = acc * (scales[i] if prefetch else s_ref[...]).astype(f32)
+        ys.append(y * inv_rms if late_norm else y)
     y = ys[0]
     if fusion.swiglu:  # each rounded to dt, as the unfused product's outputs are
         g = y.astype(dt).astype(f32)
@@ -350,7 +369,7 @@ def _kernel(
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
-    bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch, row_dot = launch
+    bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch, row_dot, late_norm = launch
     rows, n_in = x.shape
     width = codes.shape[0] // 2 if fusion.swiglu else codes.shape[0]
     split_len = n_in // splits
@@ -362,6 +381,7 @@ def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
         fusion=fusion,
         prefetch=prefetch,
         row_dot=row_dot,
+        late_norm=late_norm,
     )
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows, width), x.dtype)

@@ -89,6 +89,13 @@ def test_int8_matmul_matches_reference_and_dequantized_float(m, o, i, dtype, kw)
         (1, jnp.bfloat16, "norm", dict(block_o=16, block_k=64, dot=True)),
         (1, jnp.bfloat16, "swiglu", dict(block_o=16, block_k=128, dot=True)),
         (1, jnp.float32, "residual", dict(block_o=16, block_k=256, dot=True, prefetch=True)),
+        # late_norm: the RMS from the same pass as the products, applied to the sums
+        (1, jnp.bfloat16, "norm", dict(block_o=4, block_k=256, late_norm=True)),
+        (1, jnp.float32, "norm", dict(block_o=8, block_k=64, late_norm=True)),
+        (3, jnp.bfloat16, "norm", dict(block_k=128, late_norm=True)),
+        (1, jnp.bfloat16, "swiglu", dict(block_o=4, block_k=256, late_norm=True, prefetch=True)),
+        (1, jnp.bfloat16, "swiglu", dict(block_o=16, block_k=64, late_norm=True, dot=True)),
+        (1, jnp.bfloat16, "residual", dict(block_o=4, late_norm=True)),  # no norm: ignored
     ],
 )
 def test_fused_int8_matmul_matches_the_unfused_ops(m, dtype, fusion, kw):
