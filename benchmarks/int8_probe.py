@@ -7,9 +7,10 @@ int8 weight-only decode >= 1.5x bf16 at batch 1).
    trace): wall-clock time per call measured launch and host overheads as much as the
    kernels (a first run of this script picked launches by wall clock that were 2x slower
    in decode).
-2. Batch-1 decode tok/s (128-token prompt, 128 new tokens): bf16 XLA, int8 under the default
-   launches and under this run's best launch per shape.
-3. For the last decode row, a trace of 16 and of 48 decode steps: the difference over 32 tokens
+2. Batch-1 decode tok/s (128-token prompt, 128 new tokens): bf16 and int8 (the default
+   launches, this run's best launch per shape) under XLA's attention, then both under the
+   `decode` backend (RoPE, cache writes and attention in one kernel a layer).
+3. For the profiled rows, a trace of 16 and of 48 decode steps: the difference over 32 tokens
    gives each kernel's GPU time per token, the kernels per token and the GPU's idle time.
 
     python benchmarks/int8_probe.py [--quick] [--budget-s 35]
@@ -213,7 +214,7 @@ def profile(gen, prompts, label: str) -> None:
             print(f"| {k} | {c:.1f} | {t / c:.2f} | {t:.1f} | {details.get(k, '')} |")
 
 
-def decode(model, dtype, quant, config, prof, quick: bool):
+def decode(model, dtype, quant, config, attention, prof, quick: bool):
     from gpu_check import _weights
 
     from jaxllm.generate import Generator
@@ -223,7 +224,7 @@ def decode(model, dtype, quant, config, prof, quick: bool):
     from jaxllm.sampling import SamplingParams
 
     loaded = _weights(model)
-    net = Transformer(loaded.config, loaded.params, dtype=jnp.dtype(dtype), attention="xla",
+    net = Transformer(loaded.config, loaded.params, dtype=jnp.dtype(dtype), attention=attention,
                       rope_factors=loaded.rope_factors)  # fmt: skip
     if quant:
         net = quantize_model(net, quant)
@@ -262,26 +263,35 @@ def main() -> None:
         print("\nPICKS =", picks)
         print(f"(sweep done at {time.perf_counter() - t0:.0f} s)", flush=True)
     model, dtype = ("tiny", "float32") if args.quick else ("llama-3.2-1b", "bfloat16")
+    # (label, quantization, launches, attention backend, profile label)
     runs = [
-        (f"{dtype} XLA", None, BASE_DEFAULT, None),
-        ("int8 fused, default launches", "int8", BASE_DEFAULT, None),
+        (f"{dtype}, xla attention", None, BASE_DEFAULT, "xla", None),
+        ("int8 fused, default launches, xla attention", "int8", BASE_DEFAULT, "xla", None),
     ]
     if picks:
-        runs.append(("int8 fused, this run's picks", "int8", launches(picks), "int8-picks"))
+        runs.append(("int8 fused, this run's picks, xla attention", "int8", launches(picks),
+                     "xla", "int8-picks"))  # fmt: skip
+    runs += [
+        (f"{dtype}, decode attention", None, BASE_DEFAULT, "decode", "bf16-decode"),
+        ("int8 fused, default launches, decode attention", "int8", BASE_DEFAULT, "decode",
+         "int8-decode"),
+    ]  # fmt: skip
     results, first_tokens = [], {}  # tokens of the first run of each quantization
-    for label, quant, config, prof in runs:
+    for label, quant, config, attention, prof in runs:
         try:
-            tps, ids = decode(model, dtype, quant, config, prof, args.quick)
+            tps, ids = decode(model, dtype, quant, config, attention, prof, args.quick)
         except Exception as e:
             print(f"| {label} | failed: {type(e).__name__}: {str(e)[:300]} |", flush=True)
             continue
         same = ids == first_tokens.setdefault(quant, ids)
-        results.append((label, tps, same))
+        results.append((label, attention, quant, tps, same))
         print(f"{label}: {tps:.1f} tok/s (at {time.perf_counter() - t0:.0f} s)", flush=True)
-    print(f"\n| decode {model} batch 1 | tok/s | vs {dtype} | same tokens as its first run |")
+    print(f"\n| decode {model} batch 1 | tok/s | vs {dtype}, same attention | "
+          "same tokens as the first run of its weights |")  # fmt: skip
     print("|---|---|---|---|")
-    for label, tps, same in results:
-        print(f"| {label} | {tps:.1f} | {tps / results[0][1]:.2f}x | {same} |")
+    floats = {att: tps for _, att, quant, tps, _ in results if quant is None}
+    for label, att, _, tps, same in results:
+        print(f"| {label} | {tps:.1f} | {tps / floats.get(att, float('nan')):.2f}x | {same} |")
     print(f"(total {time.perf_counter() - t0:.0f} s)")
 
 

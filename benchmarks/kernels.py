@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
@@ -150,6 +151,30 @@ def checks(quick: bool) -> None:
             lambda *a: ragged_paged_attention_reference(*a, sm_scale=128**-0.5), static_argnums=6
         )(q.astype(jnp.float32), kd, vd, args[3], args[4], cu, b)
         report(f"ragged int8 pages, q {jnp.dtype(dtype).name} q_lens={q_lens}", got, want, tol)
+    decode_attention_checks(key, quick)
+
+
+def decode_attention_checks(key, quick: bool) -> None:
+    """The fused decode step (RoPE, cache write, attention) against its op-by-op reference:
+    Llama-3.2-1B's heads (8 KV heads of 4 queries, D = 64), left padding, a mid-cache slot."""
+    b, kh, g, d, s, slot = (1, 2, 4, 64, 64, 40) if quick else (2, 8, 4, 64, 512, 300)
+    for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)):
+        ks = jax.random.split(key, 4)
+        qkv = jax.random.normal(ks[0], (b, kh, g + 2, d), dtype)
+        angles = jax.random.uniform(ks[1], (b, d // 2)) * 6.0
+        kc = jax.random.normal(ks[2], (b, kh, s, d), dtype)
+        vc = jax.random.normal(ks[3], (b, kh, s, d), dtype)
+        starts = jnp.arange(b)[:, None] * 7
+        valid = (jnp.arange(s)[None] >= starts) & (jnp.arange(s)[None] <= slot)
+        args = (qkv, jnp.cos(angles), jnp.sin(angles))
+        want = jax.jit(lambda *a: decode_attention_reference(*a, sm_scale=d**-0.5))(
+            *args, kc, vc, valid, jnp.int32(slot)
+        )
+        got = jax.jit(lambda *a: decode_attention(*a, sm_scale=d**-0.5))(
+            *args, jnp.copy(kc), jnp.copy(vc), valid, jnp.int32(slot)
+        )
+        for name, a, w in zip(("out", "k cache", "v cache"), got, want, strict=True):
+            report(f"decode attention {jnp.dtype(dtype).name} {[b, kh, g, d, s]} {name}", a, w, tol)
 
 
 def flash_table(quick: bool) -> None:

@@ -10,6 +10,9 @@ Every backend takes q [B, T, K, G, D], k/v [B, K, S, D] (the head-major KV cache
   unwritten cache tail), which it takes from the mask's last query row as segment ids.
 - `auto`: `flash` on GPU and TPU, `xla` on CPU (where Pallas only interprets).
 
+- `decode`: a one-token step over a float static cache as one kernel per layer (RoPE, the
+  cache write and attention: `pallas_kernels/decode_attention.py`); longer steps as `auto`.
+  Opt-in: not yet measured against `xla` on a GPU.
 - `paged`: for this contiguous cache, the same as `flash`; the engine's paged cache uses the
   ragged paged kernel under `flash`/`paged`; under `xla` the native CPU kernel
   (`jaxllm/cpu_kernels/paged_attention.cc`) or, without it, a jnp split of the step into
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.errors import JaxLLMError
+from pallas_kernels.decode_attention import BLOCK_S as DECODE_BLOCK_S
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.reference import attention_reference
@@ -66,7 +70,36 @@ def _flash(q, k, v, mask, *, sm_scale, q_offset=None, interpret=None):
     return out.reshape(b, t, kh, g, d)
 
 
-_BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": _xla, "flash": _flash, "paged": _flash}
+def _decode(q, k, v, mask, *, sm_scale, q_offset=None):
+    """The `decode` backend's steps of several tokens (prefill): flash on an accelerator, the
+    reference on CPU. Its one-token steps over a float static cache never come here: the
+    model runs them as `pallas_kernels.decode_attention` (RoPE, the cache write and the
+    attention in one kernel; `fuses_decode`)."""
+    fn = _xla if jax.default_backend() == "cpu" else _flash
+    return fn(q, k, v, mask, sm_scale=sm_scale, q_offset=q_offset)
+
+
+def decode_attention_applies(attention_fn: Callable[..., jax.Array], kv, cache_index, mask) -> bool:
+    """Whether the model runs a one-token step as `decode_attention`: the `decode` backend, a
+    float cache (not int8 or bit-packed), one cache slot for the batch and a mask."""
+    if attention_fn is not _decode or kv is None or cache_index is None or mask is None:
+        return False
+    k = kv[0]
+    return (
+        isinstance(k, jax.Array)
+        and jnp.issubdtype(k.dtype, jnp.floating)
+        and k.shape[-1] % 2 == 0
+        and k.shape[2] % min(DECODE_BLOCK_S, k.shape[2]) == 0
+        and jnp.ndim(cache_index) == 0
+    )
+
+
+_BACKENDS: dict[str, Callable[..., jax.Array]] = {
+    "xla": _xla,
+    "flash": _flash,
+    "paged": _flash,
+    "decode": _decode,
+}
 
 
 def _paged_kernel(q, k_pages, v_pages, meta, *, sm_scale):
@@ -153,7 +186,8 @@ def paged_reads_split(
     name = resolve_backend(name)
     if name in _SPLIT_READERS:
         return True
-    return name == "xla" and not paged_uses_native_cpu(group, page_size, dtype, head_dim)
+    cpu_xla = name == "xla" or (name == "decode" and jax.default_backend() == "cpu")
+    return cpu_xla and not paged_uses_native_cpu(group, page_size, dtype, head_dim)
 
 
 def available_backends() -> tuple[str, ...]:
@@ -176,5 +210,9 @@ def get_attention_fn(name: str) -> Callable[..., jax.Array]:
 
 
 def get_paged_attention_fn(name: str) -> Callable[..., jax.Array]:
-    """The engine's attention over pages: the ragged kernel, or its jnp reference for `xla`."""
-    return _PAGED.get(resolve_backend(name), _paged_kernel)
+    """The engine's attention over pages: the ragged kernel, or its jnp reference for `xla`
+    (and for `decode` on CPU)."""
+    name = resolve_backend(name)
+    if name == "decode" and jax.default_backend() == "cpu":
+        name = "xla"
+    return _PAGED.get(name, _paged_kernel)

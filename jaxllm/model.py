@@ -27,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.attention import decode_attention_applies
 from jaxllm.config import ModelConfig
 from jaxllm.cpu_kernels import linear
 from jaxllm.quant import cpu_layer, fused
 from jaxllm.quant import kv as kvq
+from pallas_kernels.decode_attention import decode_attention
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: k, v each [B, K, S, D]
 PagedCache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer: k, v [K, pages, page, D]
@@ -190,6 +192,12 @@ class Attention(nnx.Module):
         k_, g, d = self.kv_heads, self.group, self.head_dim
         qkv = fused.norm_linear(norm, self.qkv, x).reshape(b, t, k_, g + 2, d)
         tables = rope_tables(positions, inv_freq) if rope is None else rope
+        if t == 1 and decode_attention_applies(attention_fn, kv, cache_index, mask):
+            out, k, v = decode_attention(
+                qkv[:, 0], tables[0][:, 0], tables[1][:, 0], kv[0], kv[1], mask[:, -1],
+                cache_index, sm_scale=d**-0.5,
+            )  # fmt: skip
+            return fused.linear_residual(self.o, out.reshape(b, 1, -1), residual), (k, v)
         q = apply_rope(qkv[:, :, :, :g], tables)  # [B, T, K, G, D]
         # K/V are kept head-major, [B, K, S, D]: the layout the score and value dots read,
         # so no per-step transpose of the whole cache.

@@ -1,0 +1,211 @@
+"""One decode step of one attention layer in one kernel: RoPE on the new token's query and key,
+the key and value written into the KV cache in place, and attention over the cache.
+
+At batch 1 a decode layer's attention is small work split over several launches (XLA: the
+cache writes of k and of v, the scores and softmax, the weighted sum of values: ~8 µs a
+layer of Llama-3.2-1B on an H100, where each launch costs ~1.3 µs at least). Here each
+program takes one (sequence, KV head): it rotates its G query rows and its key, stores the key
+and value at `slot`, and streams the cache in blocks of `block_s` keys with an online softmax.
+The new key and value enter the softmax from registers, so the kernel never reads back what
+it just wrote.
+
+Layouts: qkv [B, K, G + 2, D] (the qkv product of one token per sequence: G query heads, then
+the key, then the value, per KV head), cos/sin [B, D/2] (the token's RoPE angles), k_cache /
+v_cache [B, K, S, D] (head-major, the static cache), kv_valid [B, S] (nonzero = the query may
+attend that slot; the new token's own slot always counts), slot: the cache slot of the new
+token, shared by the batch (the static generator's left-padded layout).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import gpu_compiler_params, resolve_platform
+
+BLOCK_S = 64
+
+
+def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE of x [..., D] in float32, rounded to x's dtype (as the model's)."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def decode_attention_reference(
+    qkv: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    kv_valid: jax.Array,
+    slot: jax.Array,
+    *,
+    sm_scale: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The oracle, op by op as the model's decode step does it: -> (out [B, K, G, D] in qkv's
+    dtype, k_cache, v_cache updated at `slot`)."""
+    g = qkv.shape[2] - 2
+    cs = (cos[:, None, None, :], sin[:, None, None, :])
+    q = _rope(qkv[:, :, :g], *cs)  # [B, K, G, D]
+    k = _rope(qkv[:, :, g], cos[:, None], sin[:, None])  # [B, K, D]
+    k_cache = lax.dynamic_update_slice_in_dim(k_cache, k[:, :, None].astype(k_cache.dtype), slot, 2)
+    v_cache = lax.dynamic_update_slice_in_dim(
+        v_cache, qkv[:, :, g + 1, None].astype(v_cache.dtype), slot, 2
+    )
+    valid = (kv_valid != 0) | (jnp.arange(k_cache.shape[2]) == slot)[None]  # [B, S]
+    qf = q.astype(jnp.float32) * sm_scale
+    kf = k_cache.astype(qkv.dtype).astype(jnp.float32)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qf, kf, precision=lax.Precision.HIGHEST)
+    scores = jnp.where(valid[:, None, None], scores, -jnp.inf)
+    e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    vf = v_cache.astype(qkv.dtype).astype(jnp.float32)
+    out = jnp.einsum("bkgs,bksd->bkgd", e, vf, precision=lax.Precision.HIGHEST)
+    out = out / jnp.sum(e, axis=-1, keepdims=True)
+    return out.astype(qkv.dtype), k_cache, v_cache
+
+
+def decode_attention(
+    qkv: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    kv_valid: jax.Array,
+    slot: jax.Array,
+    *,
+    sm_scale: float,
+    block_s: int = BLOCK_S,
+    num_warps: int = 4,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """As `decode_attention_reference`; the caches are updated in place (donate them, or
+    carry them through a loop, for XLA to skip the copy)."""
+    b, kh, g2, d = qkv.shape
+    s = k_cache.shape[2]
+    if k_cache.shape != (b, kh, s, d) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention: caches must be [B={b}, K={kh}, S, D={d}], got "
+                         f"{k_cache.shape} and {v_cache.shape}")  # fmt: skip
+    if d % 2 or cos.shape != (b, d // 2) or sin.shape != cos.shape:
+        raise ValueError(f"decode_attention: cos/sin must be [B={b}, D/2={d // 2}], got "
+                         f"{cos.shape}, {sin.shape}")  # fmt: skip
+    if kv_valid.shape != (b, s):
+        raise ValueError(f"decode_attention: kv_valid must be [B={b}, S={s}], got {kv_valid.shape}")
+    bs = min(block_s, s)
+    if s % bs:
+        raise ValueError(f"decode_attention: the cache's {s} slots are not a multiple of {bs}")
+    _, interpret = resolve_platform("gpu", interpret)
+    return _call(
+        jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)),
+        qkv,
+        cos.astype(jnp.float32),
+        sin.astype(jnp.float32),
+        kv_valid.astype(jnp.int32),
+        k_cache,
+        v_cache,
+        float(sm_scale),
+        bs,
+        num_warps,
+        interpret,
+    )
+
+
+def _kernel(
+    slot_ref, qkv_ref, cos_ref, sin_ref, valid_ref, kc_ref, vc_ref, out_ref, kc_out, vc_out,
+    *, block_s: int, sm_scale: float,
+):  # fmt: skip
+    """slot_ref [1], qkv_ref [G + 2, D], cos/sin [1, D/2], valid [1, S], caches [S, D] (the
+    outputs alias the inputs) -> out_ref [G, D]."""
+    g = qkv_ref.shape[0] - 2
+    s, d = kc_ref.shape
+    h = d // 2
+    dt, cdt, f32 = qkv_ref.dtype, kc_ref.dtype, jnp.float32
+    slot = slot_ref[0]
+    cos, sin = cos_ref[...], sin_ref[...]  # [1, h]
+
+    def rope(rows):  # halves kept apart: a Triton value cannot be sliced
+        a = qkv_ref[rows, pl.ds(0, h)].astype(f32)
+        b = qkv_ref[rows, pl.ds(h, h)].astype(f32)
+        return (a * cos - b * sin).astype(dt), (b * cos + a * sin).astype(dt)
+
+    q1, q2 = rope(pl.ds(0, g))  # [G, h]
+    k1, k2 = rope(pl.ds(g, 1))  # [1, h]
+    v = qkv_ref[pl.ds(g + 1, 1), :]  # [1, D]
+    kc_out[pl.ds(slot, 1), pl.ds(0, h)] = k1.astype(cdt)
+    kc_out[pl.ds(slot, 1), pl.ds(h, h)] = k2.astype(cdt)
+    vc_out[pl.ds(slot, 1), :] = v.astype(cdt)
+
+    def widen(x):  # a cache value as the reference reads it: the cache dtype, then qkv's
+        return x.astype(cdt).astype(dt).astype(f32)
+
+    q1 = q1.astype(f32) * sm_scale
+    q2 = q2.astype(f32) * sm_scale
+    # The new key first, from registers: its score starts the running max, so every later
+    # block's rescale is finite.
+    m = jnp.sum(q1 * widen(k1), axis=1, keepdims=True) + jnp.sum(q2 * widen(k2), axis=1,
+                                                                  keepdims=True)  # fmt: skip
+    l = jnp.ones((g, 1), f32)
+    acc = jnp.broadcast_to(widen(v), (g, d))
+
+    def block(i, carry):
+        m, l, acc = carry
+        start = pl.multiple_of(i * block_s, block_s)
+        keys = pl.ds(start, block_s)
+        kb1 = widen(kc_ref[keys, pl.ds(0, h)])  # [bs, h]
+        kb2 = widen(kc_ref[keys, pl.ds(h, h)])
+        scores = jnp.sum(q1[:, None, :] * kb1[None], axis=2) + jnp.sum(
+            q2[:, None, :] * kb2[None], axis=2
+        )  # [G, bs]
+        idx = start + lax.broadcasted_iota(jnp.int32, (1, block_s), 1)
+        ok = (valid_ref[:, keys] != 0) & (idx != slot)  # [1, bs]: the new key is counted above
+        scores = jnp.where(ok, scores, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(ok, jnp.exp(scores - m_new), 0.0)
+        vb = widen(vc_ref[keys, :])  # [bs, D]
+        acc = acc * alpha + jnp.sum(p[:, :, None] * vb[None], axis=1)
+        return m_new, l * alpha + jnp.sum(p, axis=1, keepdims=True), acc
+
+    m, l, acc = lax.fori_loop(0, s // block_s, block, (m, l, acc))
+    out_ref[...] = (acc / l).astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8, 9, 10), donate_argnums=(5, 6))
+def _call(slot, qkv, cos, sin, valid, k_cache, v_cache, sm_scale, block_s, num_warps, interpret):
+    b, kh, g2, d = qkv.shape
+    s = k_cache.shape[2]
+    cache_spec = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
+    row_spec = pl.BlockSpec((1, d // 2), lambda i, j: (i, 0))
+    kernel = functools.partial(_kernel, block_s=block_s, sm_scale=sm_scale)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, kh),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j: (0,)),
+            pl.BlockSpec((None, None, g2, d), lambda i, j: (i, j, 0, 0)),
+            row_spec,
+            row_spec,
+            pl.BlockSpec((1, s), lambda i, j: (i, 0)),
+            cache_spec,
+            cache_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, g2 - 2, d), lambda i, j: (i, j, 0, 0)),
+            cache_spec,
+            cache_spec,
+        ],  # fmt: skip
+        out_shape=[
+            jax.ShapeDtypeStruct((b, kh, g2 - 2, d), qkv.dtype),
+            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+        ],
+        input_output_aliases={5: 1, 6: 2},
+        interpret=interpret,
+        compiler_params=None if interpret else gpu_compiler_params(num_warps, 1),
+        name="decode_attention",
+    )(slot, qkv, cos, sin, valid, k_cache, v_cache)
