@@ -74,7 +74,7 @@ def _decode(q, k, v, mask, *, sm_scale, q_offset=None):
     """The `decode` backend's steps of several tokens (prefill): flash on an accelerator, the
     reference on CPU. Its one-token steps over a float static cache never come here: the
     model runs them as `pallas_kernels.decode_attention` (RoPE, the cache write and the
-    attention in one kernel; `fuses_decode`)."""
+    attention in one kernel; `decode_attention_applies`)."""
     fn = _xla if jax.default_backend() == "cpu" else _flash
     return fn(q, k, v, mask, sm_scale=sm_scale, q_offset=q_offset)
 
