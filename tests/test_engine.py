@@ -42,7 +42,8 @@ def static_tokens(tiny):
 @pytest.mark.parametrize(
     "config",
     [
-        EngineConfig(num_pages=64, page_size=8),
+        # plain scheduling is slow: the chunked and preempting runs schedule plain steps too
+        pytest.param(EngineConfig(num_pages=64, page_size=8), marks=pytest.mark.slow),
         EngineConfig(num_pages=64, page_size=8, max_num_batched_tokens=16),  # chunked prefill
         EngineConfig(num_pages=14, page_size=8, max_num_batched_tokens=32),  # preemption
     ],
