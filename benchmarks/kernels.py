@@ -151,7 +151,11 @@ def checks(quick: bool) -> None:
             lambda *a: ragged_paged_attention_reference(*a, sm_scale=128**-0.5), static_argnums=6
         )(q.astype(jnp.float32), kd, vd, args[3], args[4], cu, b)
         report(f"ragged int8 pages, q {jnp.dtype(dtype).name} q_lens={q_lens}", got, want, tol)
-    decode_attention_checks(key, quick)
+    try:  # a lowering failure here must not cost the tables after it
+        decode_attention_checks(key, quick)
+    except Exception as e:
+        FAILED.append("decode attention")
+        print(f"| decode attention | failed: {type(e).__name__}: {str(e)[:300]} | | FAIL |")
 
 
 def decode_attention_checks(key, quick: bool) -> None:

@@ -11,7 +11,8 @@ Every backend takes q [B, T, K, G, D], k/v [B, K, S, D] (the head-major KV cache
 - `auto`: `flash` on GPU and TPU, `xla` on CPU (where Pallas only interprets).
 
 - `decode`: a one-token step over a float static cache as one kernel per layer (RoPE, the
-  cache write and attention: `pallas_kernels/decode_attention.py`); longer steps as `auto`.
+  cache write and attention: `pallas_kernels/decode_attention.py`) where the kernel takes
+  the shapes (power-of-two query heads per KV head); other steps as `auto`.
   Opt-in: not yet measured against `xla` on a GPU.
 - `paged`: for this contiguous cache, the same as `flash`; the engine's paged cache uses the
   ragged paged kernel under `flash`/`paged`; under `xla` the native CPU kernel
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.errors import JaxLLMError
-from pallas_kernels.decode_attention import BLOCK_S as DECODE_BLOCK_S
+from pallas_kernels.decode_attention import supports as decode_attention_supports
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.reference import attention_reference
@@ -79,17 +80,19 @@ def _decode(q, k, v, mask, *, sm_scale, q_offset=None):
     return fn(q, k, v, mask, sm_scale=sm_scale, q_offset=q_offset)
 
 
-def decode_attention_applies(attention_fn: Callable[..., jax.Array], kv, cache_index, mask) -> bool:
+def decode_attention_applies(
+    attention_fn: Callable[..., jax.Array], group: int, kv, cache_index, mask
+) -> bool:
     """Whether the model runs a one-token step as `decode_attention`: the `decode` backend, a
-    float cache (not int8 or bit-packed), one cache slot for the batch and a mask."""
+    float cache (not int8 or bit-packed), shapes the kernel takes (`group` query heads per KV
+    head), one cache slot for the batch and a mask."""
     if attention_fn is not _decode or kv is None or cache_index is None or mask is None:
         return False
     k = kv[0]
     return (
         isinstance(k, jax.Array)
         and jnp.issubdtype(k.dtype, jnp.floating)
-        and k.shape[-1] % 2 == 0
-        and k.shape[2] % min(DECODE_BLOCK_S, k.shape[2]) == 0
+        and decode_attention_supports(group, k.shape[-1], k.shape[2])
         and jnp.ndim(cache_index) == 0
     )
 

@@ -192,7 +192,7 @@ class Attention(nnx.Module):
         k_, g, d = self.kv_heads, self.group, self.head_dim
         qkv = fused.norm_linear(norm, self.qkv, x).reshape(b, t, k_, g + 2, d)
         tables = rope_tables(positions, inv_freq) if rope is None else rope
-        if t == 1 and decode_attention_applies(attention_fn, kv, cache_index, mask):
+        if t == 1 and decode_attention_applies(attention_fn, g, kv, cache_index, mask):
             out, k, v = decode_attention(
                 qkv[:, 0], tables[0][:, 0], tables[1][:, 0], kv[0], kv[1], mask[:, -1],
                 cache_index, sm_scale=d**-0.5,

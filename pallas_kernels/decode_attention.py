@@ -30,6 +30,19 @@ from pallas_kernels.common import gpu_compiler_params, resolve_platform
 BLOCK_S = 64
 
 
+def supports(group: int, head_dim: int, slots: int, block_s: int = BLOCK_S) -> bool:
+    """Whether the kernel takes G query heads per KV head, head_dim D and S cache slots: Triton
+    loads and stores power-of-two shapes only ([G, D/2], [G, block, D/2], [block, D])."""
+    bs = min(block_s, slots)
+
+    def pow2(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    return (
+        pow2(group) and head_dim % 2 == 0 and pow2(head_dim // 2) and pow2(bs) and slots % bs == 0
+    )
+
+
 def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate-half RoPE of x [..., D] in float32, rounded to x's dtype (as the model's)."""
     x32 = x.astype(jnp.float32)

@@ -51,6 +51,14 @@ def test_kernel_matches_reference(b, kh, g, d, s, slot, dtype, cache_dtype, bloc
     np.testing.assert_array_equal(np.asarray(got[1][:, :, rest]), np.asarray(kc[:, :, rest]))
 
 
+def test_supported_shapes():
+    from pallas_kernels.decode_attention import supports
+
+    assert supports(4, 64, 256) and supports(1, 128, 16) and supports(8, 64, 32)
+    assert not supports(3, 64, 256)  # SmolLM2's 3 query heads per KV head: op by op
+    assert not supports(4, 96, 256) and not supports(4, 64, 48)
+
+
 def test_bad_shapes_are_named():
     qkv, cos, sin, kc, vc = _case(1, 2, 2, 32, 48, jnp.float32, jnp.float32)
     valid = jnp.ones((1, 48), bool)
