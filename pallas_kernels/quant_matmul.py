@@ -45,15 +45,12 @@ class GemvConfig:
     [block_o, block_k] partial products until the end (fewer registers, so wider chunks);
     `prefetch`: every load that depends on nothing (the scales, the residual, and the codes
     and x when I is one chunk) is issued before any arithmetic, so a program waits for memory
-    once instead of once per barrier; `dot`: one row is broadcast to a 16-row dot per chunk,
-    whose loads Triton pipelines through shared memory `num_stages` deep, as in XLA's own
-    GEMV-shaped GEMMs. Both are sweep options: on an H100 neither beat the default launch on
-    any Llama-3.2-1B product (prefetch held more registers, the dot path moved 16x the rows
-    through the dot; benchmarks/results/int8_probe_h100.md). `late_norm` (a product with the
-    RMSNorm fused in): W (w * x) is summed with x's sum of squares in the same pass and scaled
-    by 1/rms at the end, so no reduction stands between a program's start and its code
-    loads; the normalised input is then not rounded to x's dtype, as the unfused norm rounds
-    it (not yet measured on a GPU)."""
+    once instead of once per barrier: a sweep option (on an H100 it beat the default launch
+    on no Llama-3.2-1B product: benchmarks/results/int8_probe_h100.md); `late_norm` (a
+    product with the RMSNorm fused in): W (w * x) is summed with x's sum of squares in the
+    same pass and scaled by 1/rms at the end, so no reduction stands between a program's
+    start and its code loads; the normalised input is then not rounded to x's dtype, as the
+    unfused norm rounds it (not yet measured on a GPU)."""
 
     block_o: int = BLOCK_O
     block_k: int = BLOCK_K
@@ -62,7 +59,6 @@ class GemvConfig:
     num_stages: int = 3
     chunk_reduce: bool = False
     prefetch: bool = False
-    dot: bool = False
     late_norm: bool = False
 
 
@@ -99,8 +95,8 @@ def default_config(rows: int, n_out: int, n_in: int) -> GemvConfig:
 
     One row: a measured launch for a known shape, else narrow tiles (4 outputs) streaming
     2048-wide chunks with 8 warps, one program per tile and no split: on an H100 these beat
-    wide tiles with split partial sums (an extra kernel) and the dot path on every layer
-    swept. Several rows: the dot path's 32 x 256 tiles."""
+    wide tiles with split partial sums (an extra kernel) and a one-row dot (the row broadcast
+    to 16) on every layer swept. Several rows: the dot path's 32 x 256 tiles."""
     if rows != 1:
         return GemvConfig()
     tuned = TUNED_ONE_ROW.get((n_out, n_in))
@@ -112,7 +108,7 @@ def default_config(rows: int, n_out: int, n_in: int) -> GemvConfig:
 def supports(rows: int, n_out: int, n_in: int) -> bool:
     """Whether `int8_matmul` takes these shapes (rows M, codes [O, I]) with its default launch."""
     cfg = default_config(rows, n_out, n_in)
-    min_o = MIN_ROW_BLOCK if rows == 1 and not cfg.dot else MIN_BLOCK
+    min_o = MIN_ROW_BLOCK if rows == 1 else MIN_BLOCK
     return (
         0 < rows <= MAX_ROWS
         and fit_block(n_out, max(cfg.block_o, min_o), min_o) > 0
@@ -218,9 +214,8 @@ def int8_matmul(
     cfg = dataclasses.replace(config or default_config(m, n_out, n_in), **overrides)
     if fused:  # the epilogue needs whole sums in one program
         cfg = dataclasses.replace(cfg, num_splits=1)
-    one_row = m == 1 and not cfg.dot
     # SwiGLU reads two rows per output (gate and up): one row may take 2 outputs per program.
-    min_o = (MIN_ROW_BLOCK // 2 if swiglu else MIN_ROW_BLOCK) if one_row else MIN_BLOCK
+    min_o = (MIN_ROW_BLOCK // 2 if swiglu else MIN_ROW_BLOCK) if m == 1 else MIN_BLOCK
     # a launch tuned for a SwiGLU product (2 outputs = 4 rows a program) may serve a plain one
     bo = fit_block(width, max(cfg.block_o, min_o), min_o)
     if not bo:
@@ -237,7 +232,6 @@ def int8_matmul(
         raise ValueError(f"int8_matmul: num_splits={num_splits} does not cut I={n_in} into "
                          f"multiples of {MIN_BLOCK}")  # fmt: skip
     _, interpret = resolve_platform("gpu", interpret)
-    # one row through the dot path stays one row in memory: the kernel broadcasts it
     rows = 1 if m == 1 else max(MIN_BLOCK, next_pow2(m))
 
     def pad(a):
@@ -254,7 +248,7 @@ def int8_matmul(
     if residual is not None:
         extra.append(pad(residual.astype(x.dtype)))
     launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce, cfg.prefetch,
-              cfg.dot and m == 1, cfg.late_norm and norm_weight is not None)  # fmt: skip
+              cfg.late_norm and norm_weight is not None)  # fmt: skip
     out = _int8_matmul_call(
         pad(x), codes, scale.reshape(1, n_out), tuple(extra), launch, fusion, interpret
     )
@@ -270,7 +264,6 @@ def _kernel(
     chunk_reduce: bool,
     fusion: Fusion,
     prefetch: bool,
-    row_dot: bool,
     late_norm: bool,
 ):
     """x_ref [rows, split], (norm_ref [1, I]), q_ref [bo, split], s_ref [1, bo], (swiglu:
@@ -287,12 +280,12 @@ def _kernel(
     o_ref = next(it)
     rows = x_ref.shape[0]
     bo = q_refs[0].shape[0]
-    one_row = rows == 1 and not row_dot
+    one_row = rows == 1
     dt = x_ref.dtype
     f32 = jnp.float32
 
-    # At batch 1 a GEMV is a few µs long and each program runs once, so every wait for memory
-    # is on the kernel's critical path: issue the independent loads together, up front.
+    # prefetch: at batch 1 a GEMV is a few µs long and each program runs once, so every wait
+    # for memory is on the kernel's critical path; issue the independent loads up front.
     whole = chunks == 1 and prefetch
     q_whole = [q_ref[...] for q_ref in q_refs] if whole else None
     scales = [s_ref[...] for s_ref in s_refs] if prefetch else None
@@ -320,12 +313,9 @@ def _kernel(
             if one_row:
                 prod = q.astype(f32) * x.astype(f32)
                 out.append(acc + (jnp.sum(prod, axis=1) if chunk_reduce else prod))
-            else:  # row_dot: the row repeated to the smallest dot's 16 rows
-                xd = jnp.broadcast_to(x, (MIN_BLOCK, x.shape[1])) if row_dot else x
+            else:
                 dims = (((1,), (1,)), ((), ()))
-                out.append(
-                    acc + lax.dot_general(xd, q.astype(dt), dims, preferred_element_type=f32)
-                )
+                out.append(acc + lax.dot_general(x, q.astype(dt), dims, preferred_element_type=f32))
         if late_norm:
             out.append(ssq)
         return tuple(out)
@@ -339,7 +329,7 @@ def _kernel(
     if one_row:
         init = jnp.zeros((bo,) if chunk_reduce else (bo, block_k), f32)
     else:
-        init = jnp.zeros((MIN_BLOCK if row_dot else rows, bo), f32)
+        init = jnp.zeros((rows, bo), f32)
     inits = tuple(init for _ in q_refs)
     if late_norm:
         inits += (jnp.zeros((rows, 1), f32),)
@@ -353,8 +343,6 @@ def _kernel(
     for i, (acc, s_ref) in enumerate(zip(accs[:n_q], s_refs, strict=True)):
         if one_row:
             acc = (acc if chunk_reduce else jnp.sum(acc, axis=1))[None, :]
-        elif row_dot:  # 16 equal rows: their max is the row, exactly
-            acc = jnp.max(acc, axis=0, keepdims=True)
         y = acc * (scales[i] if prefetch else s_ref[...]).astype(f32)
         ys.append(y * inv_rms if late_norm else y)
     y = ys[0]
@@ -369,7 +357,7 @@ def _kernel(
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
-    bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch, row_dot, late_norm = launch
+    bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch, late_norm = launch
     rows, n_in = x.shape
     width = codes.shape[0] // 2 if fusion.swiglu else codes.shape[0]
     split_len = n_in // splits
@@ -380,7 +368,6 @@ def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
         chunk_reduce=chunk_reduce,
         fusion=fusion,
         prefetch=prefetch,
-        row_dot=row_dot,
         late_norm=late_norm,
     )
     if splits == 1:

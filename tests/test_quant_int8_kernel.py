@@ -55,9 +55,6 @@ def rel_err(got, want) -> float:
         (1, 64, 512, jnp.bfloat16, dict(block_o=8, block_k=512, num_splits=1, prefetch=True)),
         (1, 64, 512, jnp.float32, dict(block_k=128, num_splits=1, prefetch=True)),
         (3, 32, 128, jnp.float32, dict(block_k=128, num_splits=1, prefetch=True)),
-        # dot: one row broadcast to a 16-row dot, in one chunk and in four
-        (1, 64, 512, jnp.bfloat16, dict(block_o=16, block_k=512, num_splits=1, dot=True)),
-        (1, 64, 512, jnp.float32, dict(block_o=32, block_k=128, num_splits=1, dot=True)),
     ],
 )
 def test_int8_matmul_matches_reference_and_dequantized_float(m, o, i, dtype, kw):
@@ -86,15 +83,13 @@ def test_int8_matmul_matches_reference_and_dequantized_float(m, o, i, dtype, kw)
         (1, jnp.bfloat16, "swiglu", dict(block_o=2, block_k=256, chunk_reduce=True, prefetch=True)),
         (1, jnp.bfloat16, "residual", dict(block_o=4, block_k=256, prefetch=True)),
         (2, jnp.float32, "residual", dict(block_k=64, prefetch=True)),
-        (1, jnp.bfloat16, "norm", dict(block_o=16, block_k=64, dot=True)),
-        (1, jnp.bfloat16, "swiglu", dict(block_o=16, block_k=128, dot=True)),
-        (1, jnp.float32, "residual", dict(block_o=16, block_k=256, dot=True, prefetch=True)),
+        (1, jnp.float32, "residual", dict(block_o=16, block_k=256, prefetch=True)),
         # late_norm: the RMS from the same pass as the products, applied to the sums
         (1, jnp.bfloat16, "norm", dict(block_o=4, block_k=256, late_norm=True)),
         (1, jnp.float32, "norm", dict(block_o=8, block_k=64, late_norm=True)),
         (3, jnp.bfloat16, "norm", dict(block_k=128, late_norm=True)),
         (1, jnp.bfloat16, "swiglu", dict(block_o=4, block_k=256, late_norm=True, prefetch=True)),
-        (1, jnp.bfloat16, "swiglu", dict(block_o=16, block_k=64, late_norm=True, dot=True)),
+        (1, jnp.bfloat16, "swiglu", dict(block_o=16, block_k=64, late_norm=True)),
         (1, jnp.bfloat16, "residual", dict(block_o=4, late_norm=True)),  # no norm: ignored
     ],
 )
