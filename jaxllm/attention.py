@@ -72,12 +72,11 @@ def _flash(q, k, v, mask, *, sm_scale, q_offset=None, interpret=None):
 
 
 def _decode(q, k, v, mask, *, sm_scale, q_offset=None):
-    """The `decode` backend's steps of several tokens (prefill): flash on an accelerator, the
-    reference on CPU. Its one-token steps over a float static cache never come here: the
-    model runs them as `pallas_kernels.decode_attention` (RoPE, the cache write and the
-    attention in one kernel; `decode_attention_applies`)."""
-    fn = _xla if jax.default_backend() == "cpu" else _flash
-    return fn(q, k, v, mask, sm_scale=sm_scale, q_offset=q_offset)
+    """The `decode` backend's other steps (prefill, int8 caches): `auto`'s. Its one-token steps
+    over a float static cache never come here: the model runs them as
+    `pallas_kernels.decode_attention` (RoPE, the cache write and the attention in one kernel;
+    `decode_attention_applies`)."""
+    return get_attention_fn("auto")(q, k, v, mask, sm_scale=sm_scale, q_offset=q_offset)
 
 
 def decode_attention_applies(
@@ -186,15 +185,20 @@ def paged_reads_split(
     name: str, group: int, page_size: int, dtype, head_dim: int | None = None
 ) -> bool:
     """Whether the engine's paged attention under backend `name` reads the CPU split."""
-    name = resolve_backend(name)
+    name = _paged_backend(name)
     if name in _SPLIT_READERS:
         return True
-    cpu_xla = name == "xla" or (name == "decode" and jax.default_backend() == "cpu")
-    return cpu_xla and not paged_uses_native_cpu(group, page_size, dtype, head_dim)
+    return name == "xla" and not paged_uses_native_cpu(group, page_size, dtype, head_dim)
 
 
 def available_backends() -> tuple[str, ...]:
     return ("auto", *_BACKENDS)
+
+
+def _paged_backend(name: str) -> str:
+    """The backend whose paged attention the engine runs under `name`: `decode` fuses only the
+    static cache's one-token steps, so over pages it is `auto`."""
+    return resolve_backend("auto" if name == "decode" else name)
 
 
 def resolve_backend(name: str) -> str:
@@ -213,9 +217,5 @@ def get_attention_fn(name: str) -> Callable[..., jax.Array]:
 
 
 def get_paged_attention_fn(name: str) -> Callable[..., jax.Array]:
-    """The engine's attention over pages: the ragged kernel, or its jnp reference for `xla`
-    (and for `decode` on CPU)."""
-    name = resolve_backend(name)
-    if name == "decode" and jax.default_backend() == "cpu":
-        name = "xla"
-    return _PAGED.get(name, _paged_kernel)
+    """The engine's attention over pages: the ragged kernel, or its jnp reference for `xla`."""
+    return _PAGED.get(_paged_backend(name), _paged_kernel)

@@ -97,8 +97,9 @@ def decode_attention(
     num_warps: int = 4,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """As `decode_attention_reference`; the caches are updated in place (donate them, or
-    carry them through a loop, for XLA to skip the copy)."""
+    """As `decode_attention_reference`. The caches are written in place where the calling
+    program owns their buffers (a jitted loop carrying them, donated arguments); elsewhere XLA
+    copies them first."""
     b, kh, g2, d = qkv.shape
     s = k_cache.shape[2]
     if k_cache.shape != (b, kh, s, d) or v_cache.shape != k_cache.shape:
@@ -188,7 +189,7 @@ def _kernel(
     out_ref[...] = (acc / l).astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(7, 8, 9, 10), donate_argnums=(5, 6))
+@functools.partial(jax.jit, static_argnums=(7, 8, 9, 10))
 def _call(slot, qkv, cos, sin, valid, k_cache, v_cache, sm_scale, block_s, num_warps, interpret):
     b, kh, g2, d = qkv.shape
     s = k_cache.shape[2]
