@@ -64,6 +64,29 @@ def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig
     return out
 
 
+def traced(run) -> str:
+    """Run `run()` under a jax.profiler trace; returns the trace's xplane file."""
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d)
+    try:
+        run()
+    finally:
+        jax.profiler.stop_trace()
+    return glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+
+
+def gpu_kernels(path: str):
+    """The kernels (events of the GPU's stream lines) in an xplane file."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(path)
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    yield from line.events
+
+
 def kernel_us(f, args, interpret: bool) -> tuple[float, float]:
     """(median µs of one `int8_matmul` kernel as the GPU ran it, from a jax.profiler trace;
     wall-clock µs per call): launch gaps and host time are not in the first. On CPU (no GPU
@@ -71,26 +94,8 @@ def kernel_us(f, args, interpret: bool) -> tuple[float, float]:
     wall = timed(f, *args, reps=10)
     if interpret:
         return wall * 1e6, wall * 1e6
-    from jax.profiler import ProfileData
-
-    d = tempfile.mkdtemp()
-    jax.profiler.start_trace(d)
-    out = None
-    for _ in range(3):
-        out = f(*args)
-    jax.block_until_ready(out)
-    jax.profiler.stop_trace()
-    path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
-    times = [
-        ev.duration_ns
-        for plane in ProfileData.from_file(path).planes
-        if plane.name.startswith("/device:GPU")
-        for line in plane.lines
-        if line.name.startswith("Stream")
-        for ev in line.events
-        if ev.name.startswith("int8_matmul")
-    ]
-    times.sort()
+    path = traced(lambda: jax.block_until_ready([f(*args) for _ in range(3)]))
+    times = sorted(ev.duration_ns for ev in gpu_kernels(path) if ev.name.startswith("int8_matmul"))
     return times[len(times) // 2] / 1e3, wall * 1e6
 
 
@@ -156,45 +161,32 @@ def launches(picks: dict):
 def kernel_times(path: str):
     """(count per kernel, ns per kernel, launch details per kernel, busy ns, span ns) of the
     GPU's stream lines; a kernel is its name and grid (the GEMVs share one name)."""
-    from jax.profiler import ProfileData
-
     count, total, details = collections.Counter(), collections.Counter(), {}
     starts, ends, busy = [], [], 0.0
-    for plane in ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            for ev in line.events:
-                stats = {str(k): str(v) for k, v in ev.stats}
-                info = stats.get("kernel_details", "")
-                grid = next((f for f in info.split() if f.startswith("grid:")), "")
-                name = (ev.name if len(ev.name) < 48 else ev.name[:45] + "...") + " " + grid
-                count[name] += 1
-                total[name] += ev.duration_ns
-                details.setdefault(name, info[:110])
-                busy += ev.duration_ns
-                starts.append(ev.start_ns)
-                ends.append(ev.start_ns + ev.duration_ns)
+    for ev in gpu_kernels(path):
+        stats = {str(k): str(v) for k, v in ev.stats}
+        info = stats.get("kernel_details", "")
+        grid = next((f for f in info.split() if f.startswith("grid:")), "")
+        name = (ev.name if len(ev.name) < 48 else ev.name[:45] + "...") + " " + grid
+        count[name] += 1
+        total[name] += ev.duration_ns
+        details.setdefault(name, info[:110])
+        busy += ev.duration_ns
+        starts.append(ev.start_ns)
+        ends.append(ev.start_ns + ev.duration_ns)
     span = (max(ends) - min(starts)) if starts else 0.0
     return count, total, details, busy, span
 
 
-def traced(gen, prompts, new_tokens: int) -> str:
+def profile(gen, prompts, label: str) -> None:
     from jaxllm.sampling import SamplingParams
 
-    p = [SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)] * len(prompts)
-    d = tempfile.mkdtemp()
-    jax.profiler.start_trace(d)
-    gen.generate(prompts, p)
-    jax.profiler.stop_trace()
-    return glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+    def decoding(new_tokens: int):
+        p = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        return lambda: gen.generate(prompts, [p] * len(prompts))
 
-
-def profile(gen, prompts, label: str) -> None:
     try:
-        a, b = traced(gen, prompts, 16), traced(gen, prompts, 48)
+        a, b = traced(decoding(16)), traced(decoding(48))
         ca, ta, _, busy_a, span_a = kernel_times(a)
         cb, tb, details, busy_b, span_b = kernel_times(b)
     except Exception as e:  # a diagnostic: its failure must not stop the rest
