@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import glob
 import os
 import sys
@@ -147,6 +148,65 @@ def sweep(products, budget_s: float, interpret: bool) -> dict:
     return best
 
 
+def attention_sweep(budget_s: float, interpret: bool):
+    """GPU µs of each `decode_attention` launch for one Llama-3.2-1B decode step (B=1, K=8,
+    G=4, D=64, a 256-slot bf16 cache, as the probe's decode rows), against the XLA reference's
+    kernels in the same run; returns the fastest launch that matches the reference."""
+    from pallas_kernels import decode_attention as da
+
+    b, kh, g, d, s = (1, 2, 2, 32, 64) if interpret else (1, 8, 4, 64, 256)
+    ks = jax.random.split(jax.random.PRNGKey(7), 4)
+    qkv = jax.random.normal(ks[0], (b, kh, g + 2, d), jnp.bfloat16)
+    ang = jax.random.uniform(ks[1], (b, d // 2)) * 6.0
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    kc = jax.random.normal(ks[2], (b, kh, s, d), jnp.bfloat16)
+    vc = jax.random.normal(ks[3], (b, kh, s, d), jnp.bfloat16)
+    slot = jnp.int32(s // 2 + 1)
+    valid = jnp.arange(s)[None] <= slot
+    args = (qkv, cos, sin, kc, vc, valid, slot)
+    ref = jax.jit(functools.partial(da.decode_attention_reference, sm_scale=d**-0.5))
+    want = ref(*args)
+
+    def gpu_us(f, name):  # median kernel µs (name: one kernel) or all kernels' µs per call
+        if interpret:
+            return timed(f, *args, reps=3) * 1e6
+        path = traced(lambda: jax.block_until_ready([f(*args) for _ in range(5)]))
+        evs = list(gpu_kernels(path))
+        if name is None:
+            return sum(ev.duration_ns for ev in evs) / 5 / 1e3
+        times = sorted(ev.duration_ns for ev in evs if ev.name.startswith(name))
+        return times[len(times) // 2] / 1e3
+
+    print(f"\n| decode_attention [B={b}, K={kh}, G={g}, D={d}, S={s}] bf16 | GPU µs | out err |")
+    print("|---|---|---|")
+    print(f"| XLA reference (all its kernels) | {gpu_us(ref, None):.2f} | 0 |", flush=True)
+    t0, results = time.perf_counter(), []
+    for per_row in (True, False):
+        for bs in (64, 128, 256):
+            for w in (1, 2, 4, 8):
+                if time.perf_counter() - t0 > budget_s:
+                    break
+                launch = da.DecodeLaunch(per_row, min(bs, s), w, 1)
+                f = jax.jit(functools.partial(da.decode_attention, sm_scale=d**-0.5,
+                                              launch=launch, interpret=interpret))  # fmt: skip
+                try:
+                    got = f(*args)
+                    err = max(rel_err(a, w_) for a, w_ in zip(got, want, strict=True))
+                    t = gpu_us(f, "decode_attention")
+                except Exception as e:  # one failing launch must not hide the others
+                    print(f"| {launch} | failed: {type(e).__name__}: {str(e)[:120]} | |")
+                    continue
+                ok = err <= 2.0**-6
+                print(f"| {launch} | {t:.2f} | {err:.2g}{'' if ok else ' FAIL'} |", flush=True)
+                if ok:
+                    results.append((t, launch))
+    if not results:
+        return None
+    t, best = min(results, key=lambda r: r[0])
+    print(f"best: {best} {t:.2f} µs")
+    return best
+
+
 def launches(picks: dict):
     """A `default_config` taking one-row launches from `picks` (per shape) where it has one."""
 
@@ -206,7 +266,7 @@ def profile(gen, prompts, label: str) -> None:
             print(f"| {k} | {c:.1f} | {t / c:.2f} | {t:.1f} | {details.get(k, '')} |")
 
 
-def decode(model, dtype, quant, config, attention, prof, quick: bool):
+def decode(model, dtype, quant, config, attention, prof, quick: bool, attn_launch=None):
     from gpu_check import _weights
 
     from jaxllm.generate import Generator
@@ -224,7 +284,11 @@ def decode(model, dtype, quant, config, attention, prof, quick: bool):
     tokens = 16 if quick else 128
     prompts = [list(range(1, 129))]
     p = [SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)]
+    from pallas_kernels import decode_attention as da
+
     qm.default_config = config
+    base_launch = da.default_launch
+    da.default_launch = attn_launch or base_launch
     try:
         with int8_kernel_mode("always" if quant else "never"):
             out = gen.generate(prompts, p)
@@ -237,6 +301,7 @@ def decode(model, dtype, quant, config, attention, prof, quick: bool):
                 profile(gen, prompts, prof)
     finally:
         qm.default_config = BASE_DEFAULT
+        da.default_launch = base_launch
     return sorted(rates)[1], out[0].token_ids
 
 
@@ -244,7 +309,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=20, help="sweep seconds per product")
-    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true", help="no GEMV launch sweep")
+    ap.add_argument(
+        "--attention-s",
+        type=float,
+        default=0,
+        help="seconds for a decode_attention launch sweep (0: none)",
+    )
+    ap.add_argument(
+        "--down-prefetch",
+        action="store_true",
+        help="also decode int8 with prefetch on the down product",
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
@@ -254,6 +330,7 @@ def main() -> None:
         picks = sweep(products, args.budget_s, args.quick)
         print("\nPICKS =", picks)
         print(f"(sweep done at {time.perf_counter() - t0:.0f} s)", flush=True)
+    attn = attention_sweep(args.attention_s, args.quick) if args.attention_s else None
     model, dtype = ("tiny", "float32") if args.quick else ("llama-3.2-1b", "bfloat16")
     # (label, quantization, launches, attention backend, profile label)
     runs = [
@@ -268,10 +345,14 @@ def main() -> None:
         ("int8 fused, default launches, decode attention", "int8", BASE_DEFAULT, "decode",
          "int8-decode"),
     ]  # fmt: skip
+    if args.down_prefetch:
+        down = {(2048, 8192): dataclasses.replace(BASE_DEFAULT(1, 2048, 8192), prefetch=True)}
+        runs.append(("int8 fused, down prefetch, xla attention", "int8", launches(down), "xla",
+                     None))  # fmt: skip
     results, first_tokens = [], {}  # tokens of the first run of each quantization
     for label, quant, config, attention, prof in runs:
         try:
-            tps, ids = decode(model, dtype, quant, config, attention, prof, args.quick)
+            tps, ids = decode(model, dtype, quant, config, attention, prof, args.quick, attn)
         except Exception as e:
             print(f"| {label} | failed: {type(e).__name__}: {str(e)[:300]} |", flush=True)
             continue

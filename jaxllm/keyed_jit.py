@@ -4,7 +4,8 @@ Some choices are made while a function is traced, from module state rather than 
 arguments: whether a weight-only int8 product goes to the Pallas kernel and whether its
 neighbours are fused into it (`jaxllm.quant.int8_kernel.trace_key`); whether the native CPU
 kernels are off (`cpu_kernels.einsum_only`); whether the CPU engine fuses its w8a8 layers
-(`jaxllm.quant.cpu_layer.enabled`). jit's cache keys on the function and its
+(`jaxllm.quant.cpu_layer.enabled`); the fused decode-attention kernel's launch
+(`pallas_kernels.decode_attention.default_launch`). jit's cache keys on the function and its
 arguments only, so a program shared between callers (the generator's programs, the engine's
 step) would keep what it was first traced with. `KeyedJit` holds one `jax.jit` per value of
 those settings and picks it at call time.
@@ -23,8 +24,10 @@ def trace_settings() -> tuple:
     from jaxllm import cpu_kernels
     from jaxllm.quant import cpu_layer
     from jaxllm.quant.int8_kernel import trace_key
+    from pallas_kernels import decode_attention
 
-    return (*trace_key(), cpu_kernels.einsum_only_now(), cpu_layer.enabled())
+    return (*trace_key(), cpu_kernels.einsum_only_now(), cpu_layer.enabled(),
+            decode_attention.default_launch)  # fmt: skip
 
 
 class _Traced:

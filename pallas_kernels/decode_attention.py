@@ -18,6 +18,7 @@ token, shared by the batch (the static generator's left-padded layout).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -30,10 +31,26 @@ from pallas_kernels.common import gpu_compiler_params, resolve_platform
 BLOCK_S = 64
 
 
-def supports(group: int, head_dim: int, slots: int, block_s: int = BLOCK_S) -> bool:
+@dataclasses.dataclass(frozen=True)
+class DecodeLaunch:
+    """How the kernel is launched. `per_row`: one program per query head ([B, K, G] programs,
+    each reading its KV head's cache; the G programs of a KV head share it through L2), else one
+    per KV head ([B, K] programs, its G rows as [G, block, D/2] products). `block_s`: cache
+    slots per step of the online softmax."""
+
+    per_row: bool = False
+    block_s: int = BLOCK_S
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+default_launch = DecodeLaunch()
+
+
+def supports(group: int, head_dim: int, slots: int, block_s: int | None = None) -> bool:
     """Whether the kernel takes G query heads per KV head, head_dim D and S cache slots: Triton
     loads and stores power-of-two shapes only ([G, D/2], [G, block, D/2], [block, D])."""
-    bs = min(block_s, slots)
+    bs = min(block_s or default_launch.block_s, slots)
 
     def pow2(n: int) -> bool:
         return n > 0 and n & (n - 1) == 0
@@ -93,13 +110,16 @@ def decode_attention(
     slot: jax.Array,
     *,
     sm_scale: float,
-    block_s: int = BLOCK_S,
-    num_warps: int = 4,
+    block_s: int | None = None,
+    launch: DecodeLaunch | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """As `decode_attention_reference`. The caches are written in place where the calling
     program owns their buffers (a jitted loop carrying them, donated arguments); elsewhere XLA
-    copies them first."""
+    copies them first. `launch` defaults to `default_launch`; `block_s` overrides its block."""
+    launch = launch or default_launch
+    if block_s is not None:
+        launch = dataclasses.replace(launch, block_s=block_s)
     b, kh, g2, d = qkv.shape
     s = k_cache.shape[2]
     if k_cache.shape != (b, kh, s, d) or v_cache.shape != k_cache.shape:
@@ -110,7 +130,7 @@ def decode_attention(
                          f"{cos.shape}, {sin.shape}")  # fmt: skip
     if kv_valid.shape != (b, s):
         raise ValueError(f"decode_attention: kv_valid must be [B={b}, S={s}], got {kv_valid.shape}")
-    bs = min(block_s, s)
+    bs = min(launch.block_s, s)
     if s % bs:
         raise ValueError(f"decode_attention: the cache's {s} slots are not a multiple of {bs}")
     _, interpret = resolve_platform("gpu", interpret)
@@ -123,8 +143,7 @@ def decode_attention(
         k_cache,
         v_cache,
         float(sm_scale),
-        bs,
-        num_warps,
+        dataclasses.replace(launch, block_s=bs),
         interpret,
     )
 
@@ -189,30 +208,99 @@ def _kernel(
     out_ref[...] = (acc / l).astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(7, 8, 9, 10))
-def _call(slot, qkv, cos, sin, valid, k_cache, v_cache, sm_scale, block_s, num_warps, interpret):
+def _row_kernel(
+    slot_ref, qkv_ref, cos_ref, sin_ref, valid_ref, kc_ref, vc_ref, out_ref, kc_out, vc_out,
+    *, block_s: int, sm_scale: float,
+):  # fmt: skip
+    """One query head r = program_id(2): qkv_ref [G + 2, D], valid [S, 1], caches [S, D] ->
+    out_ref [1, D]. Every product is [block, D/2] x [1, D/2] (no [G, block, D/2] broadcast);
+    the program of row 0 writes the new key and value. The others may read that slot while it
+    is written: they mask it and take the new key and value from registers, as it does."""
+    g = qkv_ref.shape[0] - 2
+    s, d = kc_ref.shape
+    h = d // 2
+    r = pl.program_id(2)
+    dt, cdt, f32 = qkv_ref.dtype, kc_ref.dtype, jnp.float32
+    slot = slot_ref[0]
+    cos, sin = cos_ref[...], sin_ref[...]  # [1, h]
+
+    def rope(row):
+        a = qkv_ref[pl.ds(row, 1), pl.ds(0, h)].astype(f32)
+        b = qkv_ref[pl.ds(row, 1), pl.ds(h, h)].astype(f32)
+        return (a * cos - b * sin).astype(dt), (b * cos + a * sin).astype(dt)
+
+    q1, q2 = rope(r)  # [1, h]
+    k1, k2 = rope(g)
+    v = qkv_ref[pl.ds(g + 1, 1), :]  # [1, D]
+
+    @pl.when(r == 0)
+    def _():
+        kc_out[pl.ds(slot, 1), pl.ds(0, h)] = k1.astype(cdt)
+        kc_out[pl.ds(slot, 1), pl.ds(h, h)] = k2.astype(cdt)
+        vc_out[pl.ds(slot, 1), :] = v.astype(cdt)
+
+    def widen(x):
+        return x.astype(cdt).astype(dt).astype(f32)
+
+    q1 = q1.astype(f32) * sm_scale
+    q2 = q2.astype(f32) * sm_scale
+    m = jnp.sum(q1 * widen(k1), axis=1, keepdims=True) + jnp.sum(q2 * widen(k2), axis=1,
+                                                                  keepdims=True)  # fmt: skip
+    l = jnp.ones((1, 1), f32)
+    acc = widen(v)  # [1, D]
+
+    def block(i, carry):
+        m, l, acc = carry
+        start = pl.multiple_of(i * block_s, block_s)
+        keys = pl.ds(start, block_s)
+        kb1 = widen(kc_ref[keys, pl.ds(0, h)])  # [bs, h]
+        kb2 = widen(kc_ref[keys, pl.ds(h, h)])
+        scores = jnp.sum(kb1 * q1, axis=1, keepdims=True) + jnp.sum(kb2 * q2, axis=1,
+                                                                     keepdims=True)  # fmt: skip
+        idx = start + lax.broadcasted_iota(jnp.int32, (block_s, 1), 0)
+        ok = (valid_ref[keys, :] != 0) & (idx != slot)  # [bs, 1]
+        scores = jnp.where(ok, scores, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=0, keepdims=True))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(ok, jnp.exp(scores - m_new), 0.0)  # [bs, 1]
+        vb = widen(vc_ref[keys, :])  # [bs, D]
+        acc = acc * alpha + jnp.sum(p * vb, axis=0, keepdims=True)
+        return m_new, l * alpha + jnp.sum(p, axis=0, keepdims=True), acc
+
+    m, l, acc = lax.fori_loop(0, s // block_s, block, (m, l, acc))
+    out_ref[...] = (acc / l).astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8, 9))
+def _call(slot, qkv, cos, sin, valid, k_cache, v_cache, sm_scale, launch, interpret):
     b, kh, g2, d = qkv.shape
     s = k_cache.shape[2]
-    cache_spec = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
-    row_spec = pl.BlockSpec((1, d // 2), lambda i, j: (i, 0))
-    kernel = functools.partial(_kernel, block_s=block_s, sm_scale=sm_scale)
+    kwargs = dict(block_s=launch.block_s, sm_scale=sm_scale)
+    params = None if interpret else gpu_compiler_params(launch.num_warps, launch.num_stages)
+    if launch.per_row:
+        cache_spec = pl.BlockSpec((None, None, s, d), lambda i, j, r: (i, j, 0, 0))
+        row_spec = pl.BlockSpec((1, d // 2), lambda i, j, r: (i, 0))
+        grid = (b, kh, g2 - 2)
+        kernel = functools.partial(_row_kernel, **kwargs)
+        valid = valid[:, :, None]  # [B, S, 1]: a column, as the scores are
+        valid_spec = pl.BlockSpec((None, s, 1), lambda i, j, r: (i, 0, 0))
+        qkv_spec = pl.BlockSpec((None, None, g2, d), lambda i, j, r: (i, j, 0, 0))
+        out_spec = pl.BlockSpec((None, None, 1, d), lambda i, j, r: (i, j, r, 0))
+        slot_spec = pl.BlockSpec((1,), lambda i, j, r: (0,))
+    else:
+        cache_spec = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
+        row_spec = pl.BlockSpec((1, d // 2), lambda i, j: (i, 0))
+        grid = (b, kh)
+        kernel = functools.partial(_kernel, **kwargs)
+        valid_spec = pl.BlockSpec((1, s), lambda i, j: (i, 0))
+        qkv_spec = pl.BlockSpec((None, None, g2, d), lambda i, j: (i, j, 0, 0))
+        out_spec = pl.BlockSpec((None, None, g2 - 2, d), lambda i, j: (i, j, 0, 0))
+        slot_spec = pl.BlockSpec((1,), lambda i, j: (0,))
     return pl.pallas_call(
         kernel,
-        grid=(b, kh),
-        in_specs=[
-            pl.BlockSpec((1,), lambda i, j: (0,)),
-            pl.BlockSpec((None, None, g2, d), lambda i, j: (i, j, 0, 0)),
-            row_spec,
-            row_spec,
-            pl.BlockSpec((1, s), lambda i, j: (i, 0)),
-            cache_spec,
-            cache_spec,
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, g2 - 2, d), lambda i, j: (i, j, 0, 0)),
-            cache_spec,
-            cache_spec,
-        ],  # fmt: skip
+        grid=grid,
+        in_specs=[slot_spec, qkv_spec, row_spec, row_spec, valid_spec, cache_spec, cache_spec],
+        out_specs=[out_spec, cache_spec, cache_spec],
         out_shape=[
             jax.ShapeDtypeStruct((b, kh, g2 - 2, d), qkv.dtype),
             jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
@@ -220,6 +308,6 @@ def _call(slot, qkv, cos, sin, valid, k_cache, v_cache, sm_scale, block_s, num_w
         ],
         input_output_aliases={5: 1, 6: 2},
         interpret=interpret,
-        compiler_params=None if interpret else gpu_compiler_params(num_warps, 1),
+        compiler_params=params,
         name="decode_attention",
     )(slot, qkv, cos, sin, valid, k_cache, v_cache)
