@@ -351,6 +351,7 @@ def main() -> None:
                      None))  # fmt: skip
     results, first_tokens = [], {}  # tokens of the first run of each quantization
     for label, quant, config, attention, prof in runs:
+        prof = None if args.no_profile else prof
         try:
             tps, ids = decode(model, dtype, quant, config, attention, prof, args.quick, attn)
         except Exception as e:
