@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import functools
 import glob
+import itertools
 import os
 import sys
 import tempfile
@@ -148,26 +149,28 @@ def sweep(products, budget_s: float, interpret: bool) -> dict:
     return best
 
 
-def attention_sweep(budget_s: float, interpret: bool):
-    """GPU µs of each `decode_attention` launch for one Llama-3.2-1B decode step (B=1, K=8,
-    G=4, D=64, a 256-slot bf16 cache, as the probe's decode rows), against the XLA reference's
-    kernels in the same run; returns the fastest launch that matches the reference."""
-    from pallas_kernels import decode_attention as da
-
-    b, kh, g, d, s = (1, 2, 2, 32, 64) if interpret else (1, 8, 4, 64, 256)
+def _attention_case(b, kh, g, d, s):
     ks = jax.random.split(jax.random.PRNGKey(7), 4)
     qkv = jax.random.normal(ks[0], (b, kh, g + 2, d), jnp.bfloat16)
     ang = jax.random.uniform(ks[1], (b, d // 2)) * 6.0
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
     kc = jax.random.normal(ks[2], (b, kh, s, d), jnp.bfloat16)
     vc = jax.random.normal(ks[3], (b, kh, s, d), jnp.bfloat16)
     slot = jnp.int32(s // 2 + 1)
-    valid = jnp.arange(s)[None] <= slot
-    args = (qkv, cos, sin, kc, vc, valid, slot)
-    ref = jax.jit(functools.partial(da.decode_attention_reference, sm_scale=d**-0.5))
-    want = ref(*args)
+    return qkv, jnp.cos(ang), jnp.sin(ang), kc, vc, jnp.arange(s)[None] <= slot, slot
 
-    def gpu_us(f, name):  # median kernel µs (name: one kernel) or all kernels' µs per call
+
+def attention_sweep(budget_s: float, interpret: bool):
+    """GPU µs of each `decode_attention` launch for one Llama-3.2-1B decode step (B=1, K=8,
+    G=4, D=64, a 256-slot bf16 cache, as the probe's decode rows), against the XLA reference's
+    kernels in the same run; then the default launch at longer caches. Returns the fastest
+    launch that matches the reference."""
+    from pallas_kernels import decode_attention as da
+
+    b, kh, g, d = (1, 2, 2, 32) if interpret else (1, 8, 4, 64)
+    lengths = (64, 128) if interpret else (256, 1024, 4096)
+    ref = jax.jit(functools.partial(da.decode_attention_reference, sm_scale=d**-0.5))
+
+    def gpu_us(f, args, name):  # median µs of kernel `name`, or of all kernels per call
         if interpret:
             return timed(f, *args, reps=3) * 1e6
         path = traced(lambda: jax.block_until_ready([f(*args) for _ in range(5)]))
@@ -177,29 +180,40 @@ def attention_sweep(budget_s: float, interpret: bool):
         times = sorted(ev.duration_ns for ev in evs if ev.name.startswith(name))
         return times[len(times) // 2] / 1e3
 
-    print(f"\n| decode_attention [B={b}, K={kh}, G={g}, D={d}, S={s}] bf16 | GPU µs | out err |")
-    print("|---|---|---|")
-    print(f"| XLA reference (all its kernels) | {gpu_us(ref, None):.2f} | 0 |", flush=True)
+    def run(launch, args, want):  # (µs, error) of one launch
+        f = jax.jit(functools.partial(da.decode_attention, sm_scale=d**-0.5, launch=launch,
+                                      interpret=interpret))  # fmt: skip
+        got = f(*args)
+        err = max(rel_err(a, w) for a, w in zip(got, want, strict=True))
+        return gpu_us(f, args, "decode_attention"), err
+
+    args = _attention_case(b, kh, g, d, lengths[0])
+    want = ref(*args)
+    print(f"\n| decode_attention [B={b}, K={kh}, G={g}, D={d}, S={lengths[0]}] bf16 | GPU µs | "
+          "out err |\n|---|---|---|")  # fmt: skip
+    print(f"| XLA reference (all its kernels) | {gpu_us(ref, args, None):.2f} | 0 |", flush=True)
     t0, results = time.perf_counter(), []
-    for per_row in (True, False):
-        for bs in (64, 128, 256):
-            for w in (1, 2, 4, 8):
-                if time.perf_counter() - t0 > budget_s:
-                    break
-                launch = da.DecodeLaunch(per_row, min(bs, s), w, 1)
-                f = jax.jit(functools.partial(da.decode_attention, sm_scale=d**-0.5,
-                                              launch=launch, interpret=interpret))  # fmt: skip
-                try:
-                    got = f(*args)
-                    err = max(rel_err(a, w_) for a, w_ in zip(got, want, strict=True))
-                    t = gpu_us(f, "decode_attention")
-                except Exception as e:  # one failing launch must not hide the others
-                    print(f"| {launch} | failed: {type(e).__name__}: {str(e)[:120]} | |")
-                    continue
-                ok = err <= 2.0**-6
-                print(f"| {launch} | {t:.2f} | {err:.2g}{'' if ok else ' FAIL'} |", flush=True)
-                if ok:
-                    results.append((t, launch))
+    for bs, w, stages in itertools.product((64, 128, 256), (2, 4, 8), (1, 2)):
+        if time.perf_counter() - t0 > budget_s:
+            break
+        launch = da.DecodeLaunch(min(bs, lengths[0]), w, stages)
+        try:
+            t, err = run(launch, args, want)
+        except Exception as e:  # one failing launch must not hide the others
+            print(f"| {launch} | failed: {type(e).__name__}: {str(e)[:120]} | |")
+            continue
+        ok = err <= 2.0**-6
+        print(f"| {launch} | {t:.2f} | {err:.2g}{'' if ok else ' FAIL'} |", flush=True)
+        if ok:
+            results.append((t, launch))
+    print("\n| default launch, S | GPU µs | XLA reference µs | out err |\n|---|---|---|---|")
+    for s in lengths[1:]:
+        args = _attention_case(b, kh, g, d, s)
+        try:
+            t, err = run(da.default_launch, args, ref(*args))
+            print(f"| {s} | {t:.2f} | {gpu_us(ref, args, None):.2f} | {err:.2g} |", flush=True)
+        except Exception as e:
+            print(f"| {s} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
     if not results:
         return None
     t, best = min(results, key=lambda r: r[0])
@@ -316,11 +330,7 @@ def main() -> None:
         default=0,
         help="seconds for a decode_attention launch sweep (0: none)",
     )
-    ap.add_argument(
-        "--down-prefetch",
-        action="store_true",
-        help="also decode int8 with prefetch on the down product",
-    )
+    ap.add_argument("--no-profile", action="store_true", help="no per-kernel decode profiles")
     args = ap.parse_args()
     t0 = time.perf_counter()
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
@@ -345,10 +355,6 @@ def main() -> None:
         ("int8 fused, default launches, decode attention", "int8", BASE_DEFAULT, "decode",
          "int8-decode"),
     ]  # fmt: skip
-    if args.down_prefetch:
-        down = {(2048, 8192): dataclasses.replace(BASE_DEFAULT(1, 2048, 8192), prefetch=True)}
-        runs.append(("int8 fused, down prefetch, xla attention", "int8", launches(down), "xla",
-                     None))  # fmt: skip
     results, first_tokens = [], {}  # tokens of the first run of each quantization
     for label, quant, config, attention, prof in runs:
         prof = None if args.no_profile else prof

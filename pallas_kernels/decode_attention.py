@@ -4,10 +4,14 @@ the key and value written into the KV cache in place, and attention over the cac
 At batch 1 a decode layer's attention is small work split over several launches (XLA: the
 cache writes of k and of v, the scores and softmax, the weighted sum of values: ~8 µs a
 layer of Llama-3.2-1B on an H100, where each launch costs ~1.3 µs at least). Here each
-program takes one (sequence, KV head): it rotates its G query rows and its key, stores the key
-and value at `slot`, and streams the cache in blocks of `block_s` keys with an online softmax.
-The new key and value enter the softmax from registers, so the kernel never reads back what
-it just wrote.
+program takes one query head of one sequence: it rotates its query row and the key, streams
+its KV head's cache in blocks of `block_s` keys with an online softmax, and (the KV head's
+first program) stores the key and value at `slot`. The new key and value enter the softmax
+from registers, so no program reads back what was just written; the G programs of a KV head
+read the same cache, the later ones from L2. Every product is [block, D/2] x [1, D/2]:
+Triton lays 2-D reductions out well, and a first kernel with one program per KV head and
+[G, block, D/2] products ran at 13.7 µs at best against 3.4 µs for this one (H200, the
+shapes below).
 
 Layouts: qkv [B, K, G + 2, D] (the qkv product of one token per sequence: G query heads, then
 the key, then the value, per KV head), cos/sin [B, D/2] (the token's RoPE angles), k_cache /
@@ -33,25 +37,22 @@ BLOCK_S = 256
 
 @dataclasses.dataclass(frozen=True)
 class DecodeLaunch:
-    """How the kernel is launched. `per_row`: one program per query head ([B, K, G] programs,
-    each reading its KV head's cache; the G programs of a KV head share it through L2), else one
-    per KV head ([B, K] programs, its G rows as [G, block, D/2] products). `block_s`: cache
-    slots per step of the online softmax."""
+    """How the kernel is launched. `block_s`: cache slots per step of the online softmax."""
 
-    per_row: bool = True
     block_s: int = BLOCK_S
     num_warps: int = 4
     num_stages: int = 1
 
 
 # The fastest launch of int8_probe's sweep on an H200 (Llama-3.2-1B: G=4, D=64, 256 slots):
-# 3.4 µs, where one program per KV head took 13.7 µs at best (17.3 µs in decode on an H100).
+# 3.4 µs; 128-slot blocks 4.3 µs, 64-slot blocks 5.3 µs.
 default_launch = DecodeLaunch()
 
 
 def supports(group: int, head_dim: int, slots: int, block_s: int | None = None) -> bool:
     """Whether the kernel takes G query heads per KV head, head_dim D and S cache slots: Triton
-    loads and stores power-of-two shapes only ([G, D/2], [G, block, D/2], [block, D])."""
+    loads and stores power-of-two shapes only ([1, D/2], [block, D/2], [block, D]); G is the
+    [B, K, G] grid's, any count."""
     bs = min(block_s or default_launch.block_s, slots)
 
     def pow2(n: int) -> bool:
@@ -154,70 +155,10 @@ def _kernel(
     slot_ref, qkv_ref, cos_ref, sin_ref, valid_ref, kc_ref, vc_ref, out_ref, kc_out, vc_out,
     *, block_s: int, sm_scale: float,
 ):  # fmt: skip
-    """slot_ref [1], qkv_ref [G + 2, D], cos/sin [1, D/2], valid [1, S], caches [S, D] (the
-    outputs alias the inputs) -> out_ref [G, D]."""
-    g = qkv_ref.shape[0] - 2
-    s, d = kc_ref.shape
-    h = d // 2
-    dt, cdt, f32 = qkv_ref.dtype, kc_ref.dtype, jnp.float32
-    slot = slot_ref[0]
-    cos, sin = cos_ref[...], sin_ref[...]  # [1, h]
-
-    def rope(rows):  # halves kept apart: a Triton value cannot be sliced
-        a = qkv_ref[rows, pl.ds(0, h)].astype(f32)
-        b = qkv_ref[rows, pl.ds(h, h)].astype(f32)
-        return (a * cos - b * sin).astype(dt), (b * cos + a * sin).astype(dt)
-
-    q1, q2 = rope(pl.ds(0, g))  # [G, h]
-    k1, k2 = rope(pl.ds(g, 1))  # [1, h]
-    v = qkv_ref[pl.ds(g + 1, 1), :]  # [1, D]
-    kc_out[pl.ds(slot, 1), pl.ds(0, h)] = k1.astype(cdt)
-    kc_out[pl.ds(slot, 1), pl.ds(h, h)] = k2.astype(cdt)
-    vc_out[pl.ds(slot, 1), :] = v.astype(cdt)
-
-    def widen(x):  # a cache value as the reference reads it: the cache dtype, then qkv's
-        return x.astype(cdt).astype(dt).astype(f32)
-
-    q1 = q1.astype(f32) * sm_scale
-    q2 = q2.astype(f32) * sm_scale
-    # The new key first, from registers: its score starts the running max, so every later
-    # block's rescale is finite.
-    m = jnp.sum(q1 * widen(k1), axis=1, keepdims=True) + jnp.sum(q2 * widen(k2), axis=1,
-                                                                  keepdims=True)  # fmt: skip
-    l = jnp.ones((g, 1), f32)
-    acc = jnp.broadcast_to(widen(v), (g, d))
-
-    def block(i, carry):
-        m, l, acc = carry
-        start = pl.multiple_of(i * block_s, block_s)
-        keys = pl.ds(start, block_s)
-        kb1 = widen(kc_ref[keys, pl.ds(0, h)])  # [bs, h]
-        kb2 = widen(kc_ref[keys, pl.ds(h, h)])
-        scores = jnp.sum(q1[:, None, :] * kb1[None], axis=2) + jnp.sum(
-            q2[:, None, :] * kb2[None], axis=2
-        )  # [G, bs]
-        idx = start + lax.broadcasted_iota(jnp.int32, (1, block_s), 1)
-        ok = (valid_ref[:, keys] != 0) & (idx != slot)  # [1, bs]: the new key is counted above
-        scores = jnp.where(ok, scores, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(scores - m_new), 0.0)
-        vb = widen(vc_ref[keys, :])  # [bs, D]
-        acc = acc * alpha + jnp.sum(p[:, :, None] * vb[None], axis=1)
-        return m_new, l * alpha + jnp.sum(p, axis=1, keepdims=True), acc
-
-    m, l, acc = lax.fori_loop(0, s // block_s, block, (m, l, acc))
-    out_ref[...] = (acc / l).astype(out_ref.dtype)
-
-
-def _row_kernel(
-    slot_ref, qkv_ref, cos_ref, sin_ref, valid_ref, kc_ref, vc_ref, out_ref, kc_out, vc_out,
-    *, block_s: int, sm_scale: float,
-):  # fmt: skip
     """One query head r = program_id(2): qkv_ref [G + 2, D], valid [S, 1], caches [S, D] ->
-    out_ref [1, D]. Every product is [block, D/2] x [1, D/2] (no [G, block, D/2] broadcast);
-    the program of row 0 writes the new key and value. The others may read that slot while it
-    is written: they mask it and take the new key and value from registers, as it does."""
+    out_ref [1, D]. The program of row 0 writes the new key and value. The others may read
+    that slot while it is written: they mask it and take the new key and value from
+    registers, as it does."""
     g = qkv_ref.shape[0] - 2
     s, d = kc_ref.shape
     h = d // 2
@@ -226,7 +167,7 @@ def _row_kernel(
     slot = slot_ref[0]
     cos, sin = cos_ref[...], sin_ref[...]  # [1, h]
 
-    def rope(row):
+    def rope(row):  # halves kept apart: a Triton value cannot be sliced
         a = qkv_ref[pl.ds(row, 1), pl.ds(0, h)].astype(f32)
         b = qkv_ref[pl.ds(row, 1), pl.ds(h, h)].astype(f32)
         return (a * cos - b * sin).astype(dt), (b * cos + a * sin).astype(dt)
@@ -277,32 +218,27 @@ def _row_kernel(
 def _call(slot, qkv, cos, sin, valid, k_cache, v_cache, sm_scale, launch, interpret):
     b, kh, g2, d = qkv.shape
     s = k_cache.shape[2]
-    kwargs = dict(block_s=launch.block_s, sm_scale=sm_scale)
+    cache_spec = pl.BlockSpec((None, None, s, d), lambda i, j, r: (i, j, 0, 0))
+    row_spec = pl.BlockSpec((1, d // 2), lambda i, j, r: (i, 0))
+    kernel = functools.partial(_kernel, block_s=launch.block_s, sm_scale=sm_scale)
     params = None if interpret else gpu_compiler_params(launch.num_warps, launch.num_stages)
-    if launch.per_row:
-        cache_spec = pl.BlockSpec((None, None, s, d), lambda i, j, r: (i, j, 0, 0))
-        row_spec = pl.BlockSpec((1, d // 2), lambda i, j, r: (i, 0))
-        grid = (b, kh, g2 - 2)
-        kernel = functools.partial(_row_kernel, **kwargs)
-        valid = valid[:, :, None]  # [B, S, 1]: a column, as the scores are
-        valid_spec = pl.BlockSpec((None, s, 1), lambda i, j, r: (i, 0, 0))
-        qkv_spec = pl.BlockSpec((None, None, g2, d), lambda i, j, r: (i, j, 0, 0))
-        out_spec = pl.BlockSpec((None, None, 1, d), lambda i, j, r: (i, j, r, 0))
-        slot_spec = pl.BlockSpec((1,), lambda i, j, r: (0,))
-    else:
-        cache_spec = pl.BlockSpec((None, None, s, d), lambda i, j: (i, j, 0, 0))
-        row_spec = pl.BlockSpec((1, d // 2), lambda i, j: (i, 0))
-        grid = (b, kh)
-        kernel = functools.partial(_kernel, **kwargs)
-        valid_spec = pl.BlockSpec((1, s), lambda i, j: (i, 0))
-        qkv_spec = pl.BlockSpec((None, None, g2, d), lambda i, j: (i, j, 0, 0))
-        out_spec = pl.BlockSpec((None, None, g2 - 2, d), lambda i, j: (i, j, 0, 0))
-        slot_spec = pl.BlockSpec((1,), lambda i, j: (0,))
     return pl.pallas_call(
         kernel,
-        grid=grid,
-        in_specs=[slot_spec, qkv_spec, row_spec, row_spec, valid_spec, cache_spec, cache_spec],
-        out_specs=[out_spec, cache_spec, cache_spec],
+        grid=(b, kh, g2 - 2),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j, r: (0,)),
+            pl.BlockSpec((None, None, g2, d), lambda i, j, r: (i, j, 0, 0)),
+            row_spec,
+            row_spec,
+            pl.BlockSpec((None, s, 1), lambda i, j, r: (i, 0, 0)),
+            cache_spec,
+            cache_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, 1, d), lambda i, j, r: (i, j, r, 0)),
+            cache_spec,
+            cache_spec,
+        ],
         out_shape=[
             jax.ShapeDtypeStruct((b, kh, g2 - 2, d), qkv.dtype),
             jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
@@ -312,4 +248,4 @@ def _call(slot, qkv, cos, sin, valid, k_cache, v_cache, sm_scale, launch, interp
         interpret=interpret,
         compiler_params=params,
         name="decode_attention",
-    )(slot, qkv, cos, sin, valid, k_cache, v_cache)
+    )(slot, qkv, cos, sin, valid[:, :, None], k_cache, v_cache)  # valid as a column: [B, S, 1]

@@ -11,11 +11,7 @@ import pytest
 from jaxllm import SamplingParams
 from jaxllm.generate import Generator
 from jaxllm.model import Transformer, random_params
-from pallas_kernels.decode_attention import (
-    DecodeLaunch,
-    decode_attention,
-    decode_attention_reference,
-)
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 
 
 def _case(b, kh, g, d, s, dtype, cache_dtype, seed=0):
@@ -35,15 +31,14 @@ def _case(b, kh, g, d, s, dtype, cache_dtype, seed=0):
         (2, 1, 8, 64, 32, 31, jnp.bfloat16, jnp.float16, 64),  # the last slot, block > S
     ],
 )
-@pytest.mark.parametrize("per_row", [False, True])
-def test_kernel_matches_reference(b, kh, g, d, s, slot, dtype, cache_dtype, block_s, per_row):
+def test_kernel_matches_reference(b, kh, g, d, s, slot, dtype, cache_dtype, block_s):
     qkv, cos, sin, kc, vc = _case(b, kh, g, d, s, dtype, cache_dtype)
     starts = jnp.array([0, 5][:b])[:, None]  # left padding in row 1
     valid = (jnp.arange(s)[None] >= starts) & (jnp.arange(s)[None] <= slot)
     want = decode_attention_reference(qkv, cos, sin, kc, vc, valid, jnp.int32(slot), sm_scale=0.3)
     got = decode_attention(
         qkv, cos, sin, kc, vc, valid, jnp.int32(slot), sm_scale=0.3,
-        launch=DecodeLaunch(per_row, block_s), interpret=True,
+        block_s=block_s, interpret=True,
     )  # fmt: skip
     tol = 1e-5 if dtype == jnp.float32 else 2.0**-7
     for name, a, w in zip(("out", "k_cache", "v_cache"), got, want, strict=True):
@@ -74,14 +69,11 @@ def test_bad_shapes_are_named():
                          interpret=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("per_row", [False, True])
-def test_decode_backend_generates_as_xla(tiny_config, monkeypatch, per_row):
+def test_decode_backend_generates_as_xla(tiny_config, monkeypatch):
     """Oracle: the same model under the `xla` backend (RoPE, cache writes and attention op by
     op); prompts of different lengths (left padding)."""
     import jaxllm.model
-    from pallas_kernels import decode_attention as da
 
-    monkeypatch.setattr(da, "default_launch", DecodeLaunch(per_row=per_row))
     traced = []
     kernel = jaxllm.model.decode_attention
     monkeypatch.setattr(jaxllm.model, "decode_attention",
