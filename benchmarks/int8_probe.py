@@ -221,6 +221,46 @@ def attention_sweep(budget_s: float, interpret: bool):
     return best
 
 
+def launch_overhead(interpret: bool) -> None:
+    """Wall µs per kernel of a loop of tiny kernels, each variant as one jitted fori_loop (a
+    while loop, as the decode loop is): a Pallas kernel against an XLA fusion doing the same
+    work. Where wall µs per kernel exceeds GPU µs per kernel the host's launches, not the GPU,
+    set the pace; Pallas kernels reach XLA through a custom call, fusions do not."""
+    from jax.experimental import pallas as pl
+
+    def pallas_step(x):
+        def kernel(x_ref, o_ref):
+            o_ref[...] = x_ref[...] * 0.5 + 1.0
+
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                              interpret=interpret)(x)  # fmt: skip
+
+    def xla_step(x):  # the reduction keeps consecutive steps from fusing into one kernel
+        return x * 0.5 + jnp.sum(x) * 1e-9 + 1.0
+
+    steps, per_step = (2, 2) if interpret else (200, 16)
+    x = jnp.zeros((1, 1024), jnp.float32)
+    print("\n| tiny kernels in a while loop | kernels per step | wall µs per kernel | "
+          "GPU µs per kernel |\n|---|---|---|---|")  # fmt: skip
+    for name, op in (("Pallas (custom call)", pallas_step), ("XLA fusion", xla_step)):
+
+        def body(_, x, op=op):
+            for _ in range(per_step):
+                x = op(x)
+            return x
+
+        f = jax.jit(lambda x, body=body: jax.lax.fori_loop(0, steps, body, x))
+        wall = timed(f, x, reps=3)
+        if interpret:
+            print(f"| {name} | - | {wall * 1e6 / steps / per_step:.1f} | - |")
+            continue
+        evs = [ev for ev in gpu_kernels(traced(lambda f=f: jax.block_until_ready(f(x))))
+               if not ev.name.startswith("Memcpy")]  # fmt: skip
+        n = len(evs) / steps
+        busy = sum(ev.duration_ns for ev in evs) / 1e3 / len(evs)
+        print(f"| {name} | {n:.1f} | {wall * 1e6 / steps / n:.2f} | {busy:.2f} |", flush=True)
+
+
 def launches(picks: dict):
     """A `default_config` taking one-row launches from `picks` (per shape) where it has one."""
 
@@ -330,6 +370,11 @@ def main() -> None:
         default=0,
         help="seconds for a decode_attention launch sweep (0: none)",
     )
+    ap.add_argument(
+        "--launch-overhead",
+        action="store_true",
+        help="wall and GPU µs per tiny Pallas / XLA kernel in a while loop",
+    )
     ap.add_argument("--no-profile", action="store_true", help="no per-kernel decode profiles")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -340,6 +385,8 @@ def main() -> None:
         picks = sweep(products, args.budget_s, args.quick)
         print("\nPICKS =", picks)
         print(f"(sweep done at {time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.launch_overhead:
+        launch_overhead(args.quick)
     attn = attention_sweep(args.attention_s, args.quick) if args.attention_s else None
     model, dtype = ("tiny", "float32") if args.quick else ("llama-3.2-1b", "bfloat16")
     # (label, quantization, launches, attention backend, profile label)
