@@ -46,8 +46,10 @@ BASE_DEFAULT = qm.default_config
 
 def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig]]:
     """The default launch, with prefetch and (a norm fused) late_norm, and elementwise
-    launches around it: whole 2048-wide chunks and loops over narrower ones. (Dot-path
-    launches lost on every product in the last run: results/int8_probe_h100.md.)"""
+    launches around it: whole 2048-wide chunks, loops over narrower ones, and for long rows
+    (down: I = 8192) wider chunks and two splits of I. (Dot-path launches lost on every
+    product in the eleventh session, late_norm on narrower chunks in the twelfth:
+    results/int8_probe_h100.md.)"""
     base = BASE_DEFAULT(1, n_out, n_in)
     out = [("default", base), ("default+pf", dataclasses.replace(base, prefetch=True))]
     if fusion in ("norm", "swiglu"):
@@ -57,12 +59,15 @@ def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig
             cfg = GemvConfig(bo, 2048, 1, w, 3, True)
             if cfg != base:
                 out.append((f"bo{bo} bk2048 w{w}", cfg))
-    for bo in (4, 8):
-        for bk in (512, 1024):
-            for w in (4, 8):
-                for late in (False, True) if fusion in ("norm", "swiglu") else (False,):
-                    cfg = GemvConfig(bo, bk, 1, w, 3, True, late_norm=late)
-                    out.append((f"bo{bo} bk{bk} w{w}{' late' if late else ''}", cfg))
+    for bo, bk, w in itertools.product((4, 8), (512, 1024), (4, 8)):
+        out.append((f"bo{bo} bk{bk} w{w}", GemvConfig(bo, bk, 1, w, 3, True)))
+    if n_in > 2048:
+        for bk, w, pf in itertools.product((4096, 8192), (8, 16), (False, True)):
+            if bk <= n_in:
+                cfg = GemvConfig(4, bk, 1, w, 3, True, prefetch=pf)
+                out.append((f"bo4 bk{bk} w{w}{' pf' if pf else ''}", cfg))
+        for w in (4, 8):
+            out.append((f"bo4 bk2048 split2 w{w}", GemvConfig(4, 2048, 2, w, 3, True)))
     return out
 
 
