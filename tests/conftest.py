@@ -32,3 +32,29 @@ def tiny_config():
     from jaxllm.config import ModelConfig
 
     return ModelConfig.from_yaml("tiny")
+
+
+# The default run's longest tests (15-47 s each on 2 cores), started first: pytest-xdist hands
+# tests out in collection order, and one of these drawn last would leave the other worker
+# idle for its whole length. Only the order changes; every test still runs.
+LONGEST_FIRST = (
+    "test_sharding.py::test_sharded_suite_on_8_host_devices",
+    "test_cpu_layer.py::test_engine_greedy_tokens_with_and_without_fused_layers",
+    "test_engine.py::test_llm_generate_on_engine_equals_static_and_streams",
+    "test_golden_smollm2.py::test_greedy_continuation_matches_hf",
+    "test_engine.py::test_engine_greedy_equals_static_generate",
+    "test_kernels.py::test_flash_attention_segments_and_window",
+    "test_quant_qat.py::test_a_few_optax_steps_lower_the_loss",
+    "test_engine.py::test_compilations_stay_within_buckets",
+    "test_api_cli.py::test_cli_json_matches_the_api",
+    "test_engine.py::test_engine_half_kv_cache_equals_static_generate",
+    "test_api_cli.py::test_stop_strings_and_n_samples_through_the_api",
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:
+        name = item.nodeid.split("/")[-1].split("[")[0]
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
