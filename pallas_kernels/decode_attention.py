@@ -7,11 +7,12 @@ layer of Llama-3.2-1B on an H100, where each launch costs ~1.3 µs at least). He
 program takes one query head of one sequence: it rotates its query row and the key, streams
 its KV head's cache in blocks of `block_s` keys with an online softmax, and (the KV head's
 first program) stores the key and value at `slot`. The new key and value enter the softmax
-from registers, so no program reads back what was just written; the G programs of a KV head
-read the same cache, the later ones from L2. Every product is [block, D/2] x [1, D/2]:
-Triton lays 2-D reductions out well, and a first kernel with one program per KV head and
-[G, block, D/2] products ran at 13.7 µs at best against 3.4 µs for this one (H200, the
-shapes below).
+from registers: a program that reads the slot while it is written masks it, so none depends
+on the write. The G programs of a KV head read the same cache, the later ones from L2. Every
+product is 2-D ([block, D/2] x [1, D/2] for the scores, [block, 1] x [block, D] for the
+values), which Triton lays out well: a first kernel with one program per KV head and
+[G, block, D/2] products ran at 13.7 µs at the best launch tried against 3.4 µs for this one
+(H200, Llama-3.2-1B's shapes, 256 slots).
 
 Layouts: qkv [B, K, G + 2, D] (the qkv product of one token per sequence: G query heads, then
 the key, then the value, per KV head), cos/sin [B, D/2] (the token's RoPE angles), k_cache /
@@ -51,8 +52,8 @@ default_launch = DecodeLaunch()
 
 def supports(group: int, head_dim: int, slots: int, block_s: int | None = None) -> bool:
     """Whether the kernel takes G query heads per KV head, head_dim D and S cache slots: Triton
-    loads and stores power-of-two shapes only ([1, D/2], [block, D/2], [block, D]); G is the
-    [B, K, G] grid's, any count."""
+    loads and stores power-of-two shapes only ([1, D/2], [block, D/2], [block, D]). G is a
+    grid axis, so any count should do, but only powers of two have run on a GPU."""
     bs = min(block_s or default_launch.block_s, slots)
 
     def pow2(n: int) -> bool:
