@@ -35,8 +35,9 @@ def tiny_config():
 
 
 # The default run's longest tests (15-47 s each on 2 cores), started first: pytest-xdist hands
-# tests out in collection order, and one of these drawn last would leave the other worker
-# idle for its whole length. Only the order changes; every test still runs.
+# tests out in collection order (`make test` lets an idle worker steal queued ones), and one
+# of these drawn last would leave the other worker idle for its whole length. Only the order
+# changes; every test still runs.
 LONGEST_FIRST = (
     "test_sharding.py::test_sharded_suite_on_8_host_devices",
     "test_cpu_layer.py::test_engine_greedy_tokens_with_and_without_fused_layers",
