@@ -339,7 +339,8 @@ def profile(gen, prompts, label: str) -> None:
             print(f"| {k} | {c:.1f} | {t / c:.2f} | {t:.1f} | {details.get(k, '')} |")
 
 
-def decode(model, dtype, quant, config, attention, prof, quick: bool, attn_launch=None):
+def decode(model, dtype, quant, config, attention, prof, quick: bool, attn_launch=None,
+           prompt_len: int = 128):  # fmt: skip
     from gpu_check import _weights
 
     from jaxllm.generate import Generator
@@ -355,7 +356,7 @@ def decode(model, dtype, quant, config, attention, prof, quick: bool, attn_launc
         net = quantize_model(net, quant)
     gen = Generator(net)
     tokens = 16 if quick else 128
-    prompts = [list(range(1, 129))]
+    prompts = [[1 + i % 1000 for i in range(prompt_len)]]
     p = [SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)]
     from pallas_kernels import decode_attention as da
 
@@ -394,6 +395,12 @@ def main() -> None:
         action="store_true",
         help="wall and GPU µs per tiny Pallas / XLA kernel in a while loop",
     )
+    ap.add_argument(
+        "--attentions",
+        default="xla,decode",
+        help="attention backends of the decode rows, comma-separated (auto, flash, ...)",
+    )
+    ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens of the decode rows")
     ap.add_argument("--no-profile", action="store_true", help="no per-kernel decode profiles")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -412,31 +419,32 @@ def main() -> None:
     attn = attention_sweep(args.attention_s, args.quick) if args.attention_s else None
     model, dtype = ("tiny", "float32") if args.quick else ("llama-3.2-1b", "bfloat16")
     # (label, quantization, launches, attention backend, profile label)
-    runs = [
-        (f"{dtype}, xla attention", None, BASE_DEFAULT, "xla", None),
-        ("int8 fused, default launches, xla attention", "int8", BASE_DEFAULT, "xla", None),
-    ]
-    if picks:
-        runs.append(("int8 fused, this run's picks, xla attention", "int8", launches(picks),
-                     "xla", "int8-picks"))  # fmt: skip
-    runs += [
-        (f"{dtype}, decode attention", None, BASE_DEFAULT, "decode", "bf16-decode"),
-        ("int8 fused, default launches, decode attention", "int8", BASE_DEFAULT, "decode",
-         "int8-decode"),
-    ]  # fmt: skip
+    runs = []
+    for att in args.attentions.split(","):
+        profiled = att == "decode"  # the fused attention's rows are profiled (--no-profile: none)
+        runs += [
+            (f"{dtype}, {att} attention", None, BASE_DEFAULT, att,
+             f"bf16-{att}" if profiled else None),
+            (f"int8 fused, default launches, {att} attention", "int8", BASE_DEFAULT, att,
+             f"int8-{att}" if profiled else None),
+        ]  # fmt: skip
+        if picks and att == "xla":
+            runs.append(("int8 fused, this run's picks, xla attention", "int8", launches(picks),
+                         "xla", "int8-picks"))  # fmt: skip
     results, first_tokens = [], {}  # tokens of the first run of each quantization
     for label, quant, config, attention, prof in runs:
         prof = None if args.no_profile else prof
         try:
-            tps, ids = decode(model, dtype, quant, config, attention, prof, args.quick, attn)
+            tps, ids = decode(model, dtype, quant, config, attention, prof, args.quick, attn,
+                              args.prompt_len)  # fmt: skip
         except Exception as e:
             print(f"| {label} | failed: {type(e).__name__}: {str(e)[:300]} |", flush=True)
             continue
         same = ids == first_tokens.setdefault(quant, ids)
         results.append((label, attention, quant, tps, same))
         print(f"{label}: {tps:.1f} tok/s (at {time.perf_counter() - t0:.0f} s)", flush=True)
-    print(f"\n| decode {model} batch 1 | tok/s | vs {dtype}, same attention | "
-          "same tokens as the first run of its weights |")  # fmt: skip
+    print(f"\n| decode {model} batch 1, {args.prompt_len}-token prompt | tok/s | vs {dtype}, "
+          "same attention | same tokens as the first run of its weights |")  # fmt: skip
     print("|---|---|---|---|")
     floats = {att: tps for _, att, quant, tps, _ in results if quant is None}
     for label, att, _, tps, same in results:
