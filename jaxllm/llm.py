@@ -73,7 +73,7 @@ class LLM:
       weight_dtype: store the weight matrices in this dtype instead (`bfloat16` under
         float32: half the weight bytes, bf16 products with float32 accumulation; the
         activations, norms, softmax and logits stay in `dtype`).
-      attention: attention backend (`auto`, `xla`, `flash`, `paged`).
+      attention: attention backend (`auto`, `xla`, `flash`, `flash-prefill`, `decode`, `paged`).
       max_batch: most sequences decoded together.
       engine: run `generate`/`chat`/`stream` on the serving engine (paged KV cache,
         continuous batching; the default) or, with False, on the static batched generator.
