@@ -138,6 +138,9 @@ def decode_attention(
     if s % bs:
         raise ValueError(f"decode_attention: the cache's {s} slots are not a multiple of {bs}")
     _, interpret = resolve_platform("gpu", interpret)
+    if not interpret and not supports(g2 - 2, d, s, bs):  # the interpreter takes any shape
+        raise ValueError(f"decode_attention: Triton needs powers of two: G={g2 - 2} query heads "
+                         f"per KV head, D/2={d // 2}, a block of {bs} slots")  # fmt: skip
     return _call(
         jnp.reshape(jnp.asarray(slot, jnp.int32), (1,)),
         qkv,

@@ -67,6 +67,11 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="48 slots are not a multiple of 32"):
         decode_attention(qkv, cos, sin, kc, vc, valid, 0, sm_scale=1.0, block_s=32,
                          interpret=True)  # fmt: skip
+    # compiled (not interpreted), a shape Triton cannot load is named before lowering
+    qkv, cos, sin, kc, vc = _case(1, 2, 3, 32, 64, jnp.float32, jnp.float32)
+    with pytest.raises(ValueError, match="G=3 query heads per KV head"):
+        decode_attention(qkv, cos, sin, kc, vc, jnp.ones((1, 64), bool), 0, sm_scale=1.0,
+                         interpret=False)  # fmt: skip
 
 
 def test_decode_backend_generates_as_xla(tiny_config, monkeypatch):
