@@ -99,16 +99,27 @@ def gpu_kernels(path: str):
                     yield from line.events
 
 
+def gpu_us(f, args, name: str | None, interpret: bool, calls: int = 5) -> float:
+    """Median µs of kernel `name` over `calls` calls of f as the GPU ran it (a jax.profiler
+    trace: launch gaps and host time are not in it); with name None, µs per call of all its
+    kernels but copies. Interpreted on CPU (no GPU plane): wall µs per call."""
+    if interpret:
+        return timed(f, *args, reps=3) * 1e6
+    path = traced(lambda: jax.block_until_ready([f(*args) for _ in range(calls)]))
+    evs = [ev for ev in gpu_kernels(path)
+           if "copy" not in ev.name.lower() and not ev.name.startswith("Memcpy")]  # fmt: skip
+    if name is None:
+        return sum(ev.duration_ns for ev in evs) / calls / 1e3
+    times = sorted(ev.duration_ns for ev in evs if ev.name.startswith(name))
+    return times[len(times) // 2] / 1e3
+
+
 def kernel_us(f, args, interpret: bool) -> tuple[float, float]:
-    """(median µs of one `int8_matmul` kernel as the GPU ran it, from a jax.profiler trace;
-    wall-clock µs per call): launch gaps and host time are not in the first. On CPU (no GPU
-    plane) the first is the second."""
+    """(median µs of one `int8_matmul` kernel as the GPU ran it; wall-clock µs per call)."""
     wall = timed(f, *args, reps=10)
     if interpret:
         return wall * 1e6, wall * 1e6
-    path = traced(lambda: jax.block_until_ready([f(*args) for _ in range(3)]))
-    times = sorted(ev.duration_ns for ev in gpu_kernels(path) if ev.name.startswith("int8_matmul"))
-    return times[len(times) // 2] / 1e3, wall * 1e6
+    return gpu_us(f, args, "int8_matmul", interpret, calls=3), wall * 1e6
 
 
 def sweep(products, budget_s: float, interpret: bool) -> dict:
@@ -182,29 +193,21 @@ def attention_sweep(budget_s: float, interpret: bool):
     lengths = (64, 128) if interpret else (256, 1024, 4096)
     ref = jax.jit(functools.partial(da.decode_attention_reference, sm_scale=d**-0.5))
 
-    def gpu_us(f, args, name):  # median µs of kernel `name`, or of all kernels per call
-        if interpret:
-            return timed(f, *args, reps=3) * 1e6
-        path = traced(lambda: jax.block_until_ready([f(*args) for _ in range(5)]))
-        evs = [ev for ev in gpu_kernels(path)
-               if "copy" not in ev.name.lower() and not ev.name.startswith("Memcpy")]  # fmt: skip
-        if name is None:
-            return sum(ev.duration_ns for ev in evs) / 5 / 1e3
-        times = sorted(ev.duration_ns for ev in evs if ev.name.startswith(name))
-        return times[len(times) // 2] / 1e3
-
     def run(launch, args, want, d=d):  # (µs, error) of one launch
         f = jax.jit(functools.partial(da.decode_attention, sm_scale=d**-0.5, launch=launch,
                                       interpret=interpret))  # fmt: skip
         got = f(*args)
         err = max(rel_err(a, w) for a, w in zip(got, want, strict=True))
-        return gpu_us(f, args, "decode_attention"), err
+        return gpu_us(f, args, "decode_attention", interpret), err
 
     args = _attention_case(b, kh, g, d, lengths[0])
     want = ref(*args)
     print(f"\n| decode_attention [B={b}, K={kh}, G={g}, D={d}, S={lengths[0]}] bf16 | GPU µs | "
           "max err (out, caches) |\n|---|---|---|")  # fmt: skip
-    print(f"| op-by-op reference (its kernels) | {gpu_us(ref, args, None):.2f} | 0 |", flush=True)
+    print(
+        f"| op-by-op reference (its kernels) | {gpu_us(ref, args, None, interpret):.2f} | 0 |",
+        flush=True,
+    )
     t0, results = time.perf_counter(), []
     for bs, w, stages in itertools.product((64, 128, 256), (2, 4, 8), (1, 2)):
         if time.perf_counter() - t0 > budget_s:
@@ -229,7 +232,7 @@ def attention_sweep(budget_s: float, interpret: bool):
         want = jax.jit(functools.partial(da.decode_attention_reference, sm_scale=d_**-0.5))
         try:
             t, err = run(launch, args, want(*args), d_)
-            t_ref = gpu_us(want, args, None)
+            t_ref = gpu_us(want, args, None, interpret)
             print(f"| {launch} | {d_} | {s} | {t:.2f} | {t_ref:.2f} | {err:.2g} |", flush=True)
         except Exception as e:
             print(f"| {launch} | {d_} | {s} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
