@@ -60,6 +60,9 @@ def gemv_table(quick: bool) -> None:
     rows = [("bf16 GEMV (XLA)", lambda x, w: x @ w.T, floats, 2 * n_out * n_in, {}, float_want)]
     rows.append(("int8 dequantize + dot (XLA)", xla_dequant, quants, int8_bytes, {}, int8_want))
     rows.append(("int8 Pallas (defaults)", pallas, quants, int8_bytes, {}, int8_want))
+    bits = dict(bit_convert=True)  # codes widened by bit operations, not I2F conversions
+    rows.append(("int8 Pallas (defaults, bit_convert)", pallas, quants, int8_bytes, bits,
+                 int8_want))  # fmt: skip
     for bo, bk, warps, stages in SWEEP[:1] if quick else SWEEP:
         kw = dict(block_o=bo, block_k=bk, num_warps=warps, num_stages=stages)
         name = f"int8 Pallas bo={bo} bk={bk} warps={warps} stages={stages}"

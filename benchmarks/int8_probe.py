@@ -56,9 +56,19 @@ def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig
     (down: I = 8192) wider chunks, with and without prefetch. Splits of I are no candidates:
     a fused epilogue needs whole sums in one program, so the kernel runs them unsplit.
     (Dot-path launches lost on every product in the eleventh session, late_norm on narrower
-    chunks in the twelfth: results/int8_probe_h100.md.)"""
+    chunks in the twelfth: results/int8_probe_h100.md.) `bit_convert` launches come second:
+    the thirteenth session found the codes widened by I2F conversions in the kernel's SASS
+    (compiled offline for sm_90), at 16 a clock per SM about one per HBM byte."""
     base = BASE_DEFAULT(1, n_out, n_in)
-    out = [("default", base), ("default+pf", dataclasses.replace(base, prefetch=True))]
+    bits = dataclasses.replace(base, bit_convert=True)
+    # bit_convert first: the sweep's budget may run out before the end of the list
+    out = [("default", base), ("default+bits", bits)]
+    out.append(("default+bits, no chunk reduce", dataclasses.replace(bits, chunk_reduce=False)))
+    for bo, w in ((4, 4), (8, 8), (8, 16), (16, 8)):
+        cfg = dataclasses.replace(bits, block_o=bo, num_warps=w)
+        if cfg != bits:
+            out.append((f"bits bo{bo} w{w}", cfg))
+    out.append(("default+pf", dataclasses.replace(base, prefetch=True)))
     if fusion in ("norm", "swiglu"):
         out.append(("default+late", dataclasses.replace(base, late_norm=True)))
     for bo in (2, 4, 8) if fusion == "swiglu" else (4, 8, 16):
@@ -294,6 +304,11 @@ def launches(picks: dict):
     return config
 
 
+def bit_converting(rows: int, n_out: int, n_in: int) -> GemvConfig:
+    """The default launch with the codes widened by bit operations (one row)."""
+    return dataclasses.replace(BASE_DEFAULT(rows, n_out, n_in), bit_convert=rows == 1)
+
+
 def kernel_times(path: str):
     """(count per kernel, ns per kernel, launch details per kernel, busy ns, span ns) of the
     GPU's stream lines; a kernel is its name and grid (the GEMVs share one name)."""
@@ -431,6 +446,8 @@ def main() -> None:
             (f"int8 fused, default launches, {att} attention", "int8", BASE_DEFAULT, att,
              f"int8-{att}" if profiled else None),
         ]  # fmt: skip
+        runs.append((f"int8 fused, default launches + bit_convert, {att} attention", "int8",
+                     bit_converting, att, None))  # fmt: skip
         if picks and att == "xla":
             runs.append(("int8 fused, this run's picks, xla attention", "int8", launches(picks),
                          "xla", "int8-picks"))  # fmt: skip

@@ -51,7 +51,10 @@ class GemvConfig:
     same pass and scaled by 1/rms at the end, so no reduction stands between a program's
     start and its code loads; the normalised input is then not rounded to x's dtype, as the
     unfused norm rounds it. Also a sweep option: on an H100 it tied the default on qkv (5.31
-    against 5.34 µs) and lost on gate/up (16.90 against 15.81 µs)."""
+    against 5.34 µs) and lost on gate/up (16.90 against 15.81 µs). `bit_convert`: one row
+    widens each code to float32 by integer bit operations (`widen_int8`) instead of the
+    int-to-float conversion instruction, which Hopper issues at a quarter of the integer
+    rate (not yet measured on a GPU: a sweep option)."""
 
     block_o: int = BLOCK_O
     block_k: int = BLOCK_K
@@ -61,6 +64,25 @@ class GemvConfig:
     chunk_reduce: bool = False
     prefetch: bool = False
     late_norm: bool = False
+    bit_convert: bool = False
+
+
+# float32 2**23 + u for a byte u in the low mantissa bits: exact for every u in 0..255
+MAGIC_BITS = 0x4B000000
+MAGIC_OFFSET = float(2**23 + 128)  # 2**23, plus the 128 that flipping the sign bit adds
+
+
+def widen_int8(q: jax.Array) -> jax.Array:
+    """int8 codes -> the same values in float32, without an int-to-float instruction.
+
+    The code's byte with its sign bit flipped is q + 128 in 0..255; placed in the low bits of
+    the float32 2**23 (bits 0x4B000000) it reads as 2**23 + q + 128, and one subtraction
+    leaves q exactly. On a GPU this is a byte extract, a logic op and an add, all full-rate
+    integer or float instructions, where `astype(float32)` compiles to a conversion (I2F)
+    that an H100 runs at 16 a clock per SM: about one per byte at the HBM rate, so a
+    one-row GEMV was bound by conversions as much as by memory."""
+    u = (q.astype(jnp.int32) & 0xFF) ^ (MAGIC_BITS | 0x80)
+    return lax.bitcast_convert_type(u, jnp.float32) - MAGIC_OFFSET
 
 
 def fit_block(n: int, want: int, minimum: int = MIN_BLOCK) -> int:
@@ -249,7 +271,7 @@ def int8_matmul(
     if residual is not None:
         extra.append(pad(residual.astype(x.dtype)))
     launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce, cfg.prefetch,
-              cfg.late_norm and norm_weight is not None)  # fmt: skip
+              cfg.late_norm and norm_weight is not None, cfg.bit_convert and m == 1)  # fmt: skip
     out = _int8_matmul_call(
         pad(x), codes, scale.reshape(1, n_out), tuple(extra), launch, fusion, interpret
     )
@@ -266,6 +288,7 @@ def _kernel(
     fusion: Fusion,
     prefetch: bool,
     late_norm: bool,
+    bit_convert: bool,
 ):
     """x_ref [rows, split], (norm_ref [1, I]), q_ref [bo, split], s_ref [1, bo], (swiglu:
     the up rows' q and s), (res_ref [rows, bo]) -> o_ref [rows, bo]."""
@@ -312,7 +335,7 @@ def _kernel(
         out = []
         for q, acc in zip(load_codes(), accs[:n_q], strict=True):  # q [bo, bk] int8
             if one_row:
-                prod = q.astype(f32) * x.astype(f32)
+                prod = (widen_int8(q) if bit_convert else q.astype(f32)) * x.astype(f32)
                 out.append(acc + (jnp.sum(prod, axis=1) if chunk_reduce else prod))
             else:
                 dims = (((1,), (1,)), ((), ()))
@@ -358,7 +381,7 @@ def _kernel(
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
-    bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch, late_norm = launch
+    bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch, late_norm, bit_convert = launch
     rows, n_in = x.shape
     width = codes.shape[0] // 2 if fusion.swiglu else codes.shape[0]
     split_len = n_in // splits
@@ -370,6 +393,7 @@ def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
         fusion=fusion,
         prefetch=prefetch,
         late_norm=late_norm,
+        bit_convert=bit_convert,
     )
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows, width), x.dtype)

@@ -22,7 +22,13 @@ from jaxllm.quant.int8_kernel import int8_kernel_mode, set_int8_kernel_mode, use
 from jaxllm.quant.matmul import qlinear
 from jaxllm.quant.qtensor import dequantize, quantize
 from jaxllm.sampling import SamplingParams
-from pallas_kernels.quant_matmul import GemvConfig, fit_block, int8_matmul, int8_matmul_reference
+from pallas_kernels.quant_matmul import (
+    GemvConfig,
+    fit_block,
+    int8_matmul,
+    int8_matmul_reference,
+    widen_int8,
+)
 
 REL_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2.0**-7}
 
@@ -124,6 +130,43 @@ def test_fused_int8_matmul_matches_the_unfused_ops(m, dtype, fusion, kw):
     if fusion == "residual":
         y = args["residual"] + y
     assert rel_err(got, y) <= 2 * REL_TOL[dtype]
+
+
+def test_widen_int8_is_exact_for_every_code():
+    q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+    np.testing.assert_array_equal(np.asarray(widen_int8(q)), np.asarray(q, np.float32))
+
+
+@pytest.mark.parametrize(
+    "fusion,kw",
+    [
+        (None, dict(block_o=4, block_k=128, num_splits=1, chunk_reduce=True)),
+        (None, dict(block_o=8, block_k=64, num_splits=2)),  # kept partial products, splits
+        ("norm", dict(block_o=4, block_k=256, prefetch=True)),
+        ("norm", dict(block_o=4, block_k=64, late_norm=True)),
+        ("swiglu", dict(block_o=2, block_k=256, chunk_reduce=True)),
+        ("residual", dict(block_o=4, block_k=64, chunk_reduce=True)),
+    ],
+)
+def test_bit_convert_gives_the_conversion_launchs_exact_output(fusion, kw):
+    """`bit_convert` widens the codes by bit operations: the same float32 values in the same
+    summation order, so the output equals the conversion launch's bit for bit (and so is
+    as close to the reference as that one)."""
+    o, i = (128, 256) if fusion == "swiglu" else (64, 256)
+    x, qw = case(1, o, i, jnp.bfloat16, seed=5)
+    key = jax.random.PRNGKey(11)
+    args = {}
+    if fusion in ("norm", "swiglu"):
+        args.update(norm_weight=(1.0 + 0.1 * jax.random.normal(key, (i,))).astype(x.dtype))
+    if fusion == "swiglu":
+        args.update(swiglu=True)
+    if fusion == "residual":
+        args.update(residual=jax.random.normal(key, (1, o)).astype(x.dtype))
+    plain = int8_matmul(x, qw.values, qw.scale, interpret=True, **args, **kw)
+    bits = int8_matmul(x, qw.values, qw.scale, interpret=True, bit_convert=True, **args, **kw)
+    np.testing.assert_array_equal(np.asarray(bits, np.float32), np.asarray(plain, np.float32))
+    want = int8_matmul_reference(x, qw.values, qw.scale, **args)
+    assert rel_err(bits, want) <= 2 * REL_TOL[jnp.bfloat16]
 
 
 def test_fused_int8_matmul_rejects_bad_fused_inputs():
