@@ -64,7 +64,7 @@ def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig
     # bit_convert first: the sweep's budget may run out before the end of the list
     out = [("default", base), ("default+bits", bits)]
     out.append(("default+bits, no chunk reduce", dataclasses.replace(bits, chunk_reduce=False)))
-    for bo, w in ((4, 4), (8, 8), (8, 16), (16, 8)):
+    for bo, w in ((4, 4), (8, 4), (8, 8), (16, 4), (16, 8)):  # kernel_sass.py's fewest issued
         cfg = dataclasses.replace(bits, block_o=bo, num_warps=w)
         if cfg != bits:
             out.append((f"bits bo{bo} w{w}", cfg))
