@@ -1,8 +1,8 @@
 """Where batch-1 decode time goes on a GPU, and which int8 GEMV launches shorten it (issue 5:
 int8 weight-only decode >= 1.5x bf16 at batch 1).
 
-1. The fused GEMVs of one Llama-3.2-1B layer, each launch candidate (the default, with
-   prefetch or late_norm, elementwise launches around it) run as one jit over
+1. The fused GEMVs of one Llama-3.2-1B layer and the head, each launch candidate (the default
+   with bit_convert, prefetch or late_norm, elementwise launches around it) run as one jit over
    several distinct weights (past L2), its kernel timed by the GPU itself (a jax.profiler
    trace): wall-clock time per call measured launch and host overheads as much as the
    kernels (a first run of this script picked launches by wall clock that were 2x slower
@@ -48,6 +48,8 @@ from pallas_kernels import quant_matmul as qm
 from pallas_kernels.quant_matmul import GemvConfig, int8_matmul, int8_matmul_reference
 
 BASE_DEFAULT = qm.default_config
+# the four layer products, then the tied head (10% of an int8 token on the H100)
+PROBE_PRODUCTS = [*PRODUCTS, ("head", (128256, 2048), "none")]
 
 
 def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig]]:
@@ -425,7 +427,7 @@ def main() -> None:
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
     picks = {}
     if not args.no_sweep:
-        products = QUICK_PRODUCTS if args.quick else PRODUCTS
+        products = QUICK_PRODUCTS if args.quick else PROBE_PRODUCTS
         picks = sweep(products, args.budget_s, args.quick)
         print("\nPICKS =", picks)
         print(f"(sweep done at {time.perf_counter() - t0:.0f} s)", flush=True)
