@@ -79,8 +79,9 @@ def widen_int8(q: jax.Array) -> jax.Array:
     the float32 2**23 (bits 0x4B000000) it reads as 2**23 + q + 128, and one subtraction
     leaves q exactly. On a GPU this is a byte extract, a logic op and an add, all full-rate
     integer or float instructions, where `astype(float32)` compiles to a conversion (I2F)
-    that an H100 runs at 16 a clock per SM: about one per byte at the HBM rate, so a
-    one-row GEMV was bound by conversions as much as by memory."""
+    that the CUDA guide's throughput table puts at 16 a clock per SM on Hopper: on an H100
+    about one per byte at the HBM rate, so a one-row GEMV is bound by conversions as much as
+    by memory (benchmarks/results/gemv_sass_sm90.md)."""
     u = (q.astype(jnp.int32) & 0xFF) ^ (MAGIC_BITS | 0x80)
     return lax.bitcast_convert_type(u, jnp.float32) - MAGIC_OFFSET
 
