@@ -9,6 +9,7 @@ H100) and a launch's overhead is spread over several GEMVs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -18,7 +19,8 @@ from kernels import FAILED, device_peak, timed
 from jaxllm.quant.int8_kernel import int8_kernel_mode
 from jaxllm.quant.matmul import qlinear
 from jaxllm.quant.qtensor import QuantizedWeight, quantize
-from pallas_kernels.quant_matmul import int8_matmul, int8_matmul_reference
+from pallas_kernels import quant_matmul
+from pallas_kernels.quant_matmul import GemvConfig, int8_matmul, int8_matmul_reference
 
 LAYERS = 8  # distinct weights per timed call: 128 MB of int8 codes at 2048x8192, past L2
 # (block_o, block_k, num_warps, num_stages) beside the defaults; num_splits automatic.
@@ -109,13 +111,26 @@ def decode_rows(decode_check, quick: bool, bf16_tps: float | None = None) -> Non
     print(f"| | {dtype} | {bf16_tps:.1f} | | 1.00x |", flush=True)
     # XLA's dequantize-then-dot path is left to the GEMV table (0.47x bf16 there, 0.48x in
     # decode on an H100): its decode row cost ~20 s of the check's 5 minutes.
-    for label, mode in (("int8, Pallas GEMV (norm, SwiGLU, residual fused)", "always"),):
+    base = quant_matmul.default_config
+
+    def bit_converting(rows: int, n_out: int, n_in: int) -> GemvConfig:
+        return dataclasses.replace(base(rows, n_out, n_in), bit_convert=rows == 1)
+
+    rows = (
+        ("int8, Pallas GEMV (norm, SwiGLU, residual fused)", base),
+        ("int8, Pallas GEMV fused, bit_convert", bit_converting),
+    )
+    for label, launches in rows:
+        quant_matmul.default_config = launches  # part of the trace key: a program per choice
         try:
-            tps, pps = decode_check(model, 1, new_tokens, dtype, "xla", quant="int8", mode=mode)
+            tps, pps = decode_check(model, 1, new_tokens, dtype, "xla", quant="int8",
+                                    mode="always")  # fmt: skip
         except Exception as e:
             FAILED.append(f"decode {label}")
             print(f"| | {label} | failed: {type(e).__name__}: {str(e)[:200]} | | |", flush=True)
             continue
+        finally:
+            quant_matmul.default_config = base
         print(f"| | {label} | {tps:.1f} | {pps:.0f} | {tps / bf16_tps:.2f}x |", flush=True)
     print(f"(int8 decode rows took {time.perf_counter() - t0:.0f} s)")
 
