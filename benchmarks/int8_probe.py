@@ -66,6 +66,7 @@ def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig
     # bit_convert first: the sweep's budget may run out before the end of the list
     out = [("default", base), ("default+bits", bits)]
     out.append(("default+bits, no chunk reduce", dataclasses.replace(bits, chunk_reduce=False)))
+    out.append(("default+bits+evict first", dataclasses.replace(bits, evict_first=True)))
     for bo, w in ((4, 4), (8, 4), (8, 8), (16, 4), (16, 8)):  # kernel_sass.py's fewest issued
         cfg = dataclasses.replace(bits, block_o=bo, num_warps=w)
         if cfg != bits:
@@ -311,6 +312,11 @@ def bit_converting(rows: int, n_out: int, n_in: int) -> GemvConfig:
     return dataclasses.replace(BASE_DEFAULT(rows, n_out, n_in), bit_convert=rows == 1)
 
 
+def streaming(rows: int, n_out: int, n_in: int) -> GemvConfig:
+    """bit_convert launches whose code loads leave L2 to the data the next token rereads."""
+    return dataclasses.replace(bit_converting(rows, n_out, n_in), evict_first=True)
+
+
 def kernel_times(path: str):
     """(count per kernel, ns per kernel, launch details per kernel, busy ns, span ns) of the
     GPU's stream lines; a kernel is its name and grid (the GEMVs share one name)."""
@@ -450,6 +456,8 @@ def main() -> None:
         ]  # fmt: skip
         runs.append((f"int8 fused, default launches + bit_convert, {att} attention", "int8",
                      bit_converting, att, None))  # fmt: skip
+        runs.append((f"int8 fused, default launches + bit_convert + evict_first, {att} "
+                     "attention", "int8", streaming, att, None))  # fmt: skip
         if picks and att == "xla":
             runs.append(("int8 fused, this run's picks, xla attention", "int8", launches(picks),
                          "xla", "int8-picks"))  # fmt: skip

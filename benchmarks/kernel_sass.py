@@ -88,7 +88,12 @@ def triton_ir(n_out: int, n_in: int, fusion: str, overrides: dict) -> tuple[str,
         jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         lowering.lower_jaxpr_to_triton_module = original
-    return modules[0], cfg
+    # jaxlib's Triton prints a load's eviction policy in an older form than the wheel parses
+    text = modules[0].replace(
+        "evictionPolicy = evict_first",
+        "{cachePolicy = #tt.cache_policy<cache_modifier = none, eviction_policy = evict_first>}",
+    )
+    return text, cfg
 
 
 def per_thread_counts(sass: str, trips: int) -> collections.Counter:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import cdiv, gpu_compiler_params, next_pow2, resolve_platform
 
@@ -54,7 +55,11 @@ class GemvConfig:
     against 5.34 µs) and lost on gate/up (16.90 against 15.81 µs). `bit_convert`: one row
     widens each code to float32 by integer bit operations (`widen_int8`) instead of the
     int-to-float conversion instruction, which Hopper issues at a quarter of the integer
-    rate (not yet measured on a GPU: a sweep option)."""
+    rate (not yet measured on a GPU: a sweep option). `evict_first`: the codes are loaded
+    with L2 evict-first priority. A decode token streams every weight through L2 once (1.2 GB
+    of int8 codes for Llama-3.2-1B, 50 MB of L2 on an H100), which otherwise also evicts the
+    scales, norm weights and KV cache that the next token reads again (not yet measured on a
+    GPU; the interpreter ignores it)."""
 
     block_o: int = BLOCK_O
     block_k: int = BLOCK_K
@@ -65,6 +70,7 @@ class GemvConfig:
     prefetch: bool = False
     late_norm: bool = False
     bit_convert: bool = False
+    evict_first: bool = False
 
 
 # float32 2**23 + u for a byte u in the low mantissa bits: exact for every u in 0..255
@@ -272,7 +278,8 @@ def int8_matmul(
     if residual is not None:
         extra.append(pad(residual.astype(x.dtype)))
     launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce, cfg.prefetch,
-              cfg.late_norm and norm_weight is not None, cfg.bit_convert and m == 1)  # fmt: skip
+              cfg.late_norm and norm_weight is not None, cfg.bit_convert and m == 1,
+              cfg.evict_first)  # fmt: skip
     out = _int8_matmul_call(
         pad(x), codes, scale.reshape(1, n_out), tuple(extra), launch, fusion, interpret
     )
@@ -290,6 +297,7 @@ def _kernel(
     prefetch: bool,
     late_norm: bool,
     bit_convert: bool,
+    evict_first: bool,
 ):
     """x_ref [rows, split], (norm_ref [1, I]), q_ref [bo, split], s_ref [1, bo], (swiglu:
     the up rows' q and s), (res_ref [rows, bo]) -> o_ref [rows, bo]."""
@@ -311,8 +319,13 @@ def _kernel(
 
     # prefetch: at batch 1 a GEMV is a few µs long and each program runs once, so every wait
     # for memory is on the kernel's critical path; issue the independent loads up front.
+    def load_codes(q_ref, cols):  # the codes are read once a token: first out of L2
+        if evict_first:
+            return plgpu.load(q_ref.at[:, cols], eviction_policy="evict_first")
+        return q_ref[:, cols]
+
     whole = chunks == 1 and prefetch
-    q_whole = [q_ref[...] for q_ref in q_refs] if whole else None
+    q_whole = [load_codes(q_ref, slice(None)) for q_ref in q_refs] if whole else None
     scales = [s_ref[...] for s_ref in s_refs] if prefetch else None
     res = res_ref[...] if prefetch and res_ref is not None else None
     x_whole = x_ref[...] if whole or (norm_ref is not None and not late_norm) else None
@@ -349,7 +362,7 @@ def _kernel(
         k = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
         x = x_ref[:, k]  # [rows, bk]
         nrm = norm_ref[:, k] if norm_ref is not None else None
-        return products(x, nrm, lambda: [q_ref[:, k] for q_ref in q_refs], accs)
+        return products(x, nrm, lambda: [load_codes(q_ref, k) for q_ref in q_refs], accs)
 
     if one_row:
         init = jnp.zeros((bo,) if chunk_reduce else (bo, block_k), f32)
@@ -382,7 +395,8 @@ def _kernel(
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
-    bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch, late_norm, bit_convert = launch
+    (bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch, late_norm, bit_convert,
+     evict_first) = launch  # fmt: skip
     rows, n_in = x.shape
     width = codes.shape[0] // 2 if fusion.swiglu else codes.shape[0]
     split_len = n_in // splits
@@ -395,6 +409,7 @@ def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
         prefetch=prefetch,
         late_norm=late_norm,
         bit_convert=bit_convert,
+        evict_first=evict_first,
     )
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows, width), x.dtype)

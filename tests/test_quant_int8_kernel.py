@@ -137,23 +137,30 @@ def test_widen_int8_is_exact_for_every_code():
     np.testing.assert_array_equal(np.asarray(widen_int8(q)), np.asarray(q, np.float32))
 
 
+BITS = dict(bit_convert=True)
+EVICT = dict(evict_first=True)
+
+
 @pytest.mark.parametrize(
-    "fusion,kw",
+    "m,fusion,kw,option",
     [
-        (None, dict(block_o=4, block_k=128, num_splits=1, chunk_reduce=True)),
-        (None, dict(block_o=8, block_k=64, num_splits=2)),  # kept partial products, splits
-        ("norm", dict(block_o=4, block_k=256, prefetch=True)),
-        ("norm", dict(block_o=4, block_k=64, late_norm=True)),
-        ("swiglu", dict(block_o=2, block_k=256, chunk_reduce=True)),
-        ("residual", dict(block_o=4, block_k=64, chunk_reduce=True)),
+        (1, None, dict(block_o=4, block_k=128, num_splits=1, chunk_reduce=True), BITS),
+        (1, None, dict(block_o=8, block_k=64, num_splits=2), BITS),  # partial products, splits
+        (1, "norm", dict(block_o=4, block_k=256, prefetch=True), BITS),
+        (1, "norm", dict(block_o=4, block_k=64, late_norm=True), BITS),
+        (1, "swiglu", dict(block_o=2, block_k=256, chunk_reduce=True), BITS),
+        (1, "residual", dict(block_o=4, block_k=64, chunk_reduce=True), {**BITS, **EVICT}),
+        (1, "norm", dict(block_o=4, block_k=256, prefetch=True), EVICT),  # codes loaded whole
+        (3, "swiglu", dict(block_k=64), EVICT),  # the dot path
     ],
 )
-def test_bit_convert_gives_the_conversion_launchs_exact_output(fusion, kw):
+def test_launch_options_that_change_no_value_give_the_same_output(m, fusion, kw, option):
     """`bit_convert` widens the codes by bit operations: the same float32 values in the same
-    summation order, so the output equals the conversion launch's bit for bit (and so is
-    as close to the reference as that one)."""
+    summation order, so the output equals the conversion launch's bit for bit (and so is as
+    close to the reference as that one); `evict_first` changes only where the codes are
+    cached."""
     o, i = (128, 256) if fusion == "swiglu" else (64, 256)
-    x, qw = case(1, o, i, jnp.bfloat16, seed=5)
+    x, qw = case(m, o, i, jnp.bfloat16, seed=5)
     key = jax.random.PRNGKey(11)
     args = {}
     if fusion in ("norm", "swiglu"):
@@ -161,12 +168,12 @@ def test_bit_convert_gives_the_conversion_launchs_exact_output(fusion, kw):
     if fusion == "swiglu":
         args.update(swiglu=True)
     if fusion == "residual":
-        args.update(residual=jax.random.normal(key, (1, o)).astype(x.dtype))
+        args.update(residual=jax.random.normal(key, (m, o)).astype(x.dtype))
     plain = int8_matmul(x, qw.values, qw.scale, interpret=True, **args, **kw)
-    bits = int8_matmul(x, qw.values, qw.scale, interpret=True, bit_convert=True, **args, **kw)
-    np.testing.assert_array_equal(np.asarray(bits, np.float32), np.asarray(plain, np.float32))
+    got = int8_matmul(x, qw.values, qw.scale, interpret=True, **option, **args, **kw)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(plain, np.float32))
     want = int8_matmul_reference(x, qw.values, qw.scale, **args)
-    assert rel_err(bits, want) <= 2 * REL_TOL[jnp.bfloat16]
+    assert rel_err(got, want) <= 2 * REL_TOL[jnp.bfloat16]
 
 
 def test_fused_int8_matmul_rejects_bad_fused_inputs():
