@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import cdiv, gpu_compiler_params, next_pow2, resolve_platform
 
@@ -320,8 +319,10 @@ def _kernel(
     # prefetch: at batch 1 a GEMV is a few µs long and each program runs once, so every wait
     # for memory is on the kernel's critical path; issue the independent loads up front.
     def load_codes(q_ref, cols):  # the codes are read once a token: first out of L2
-        if evict_first:
-            return plgpu.load(q_ref.at[:, cols], eviction_policy="evict_first")
+        if evict_first:  # imported here: the Triton backend is deprecated from jax 0.11
+            from jax.experimental.pallas import triton as pltriton
+
+            return pltriton.load(q_ref.at[:, cols], eviction_policy="evict_first")
         return q_ref[:, cols]
 
     whole = chunks == 1 and prefetch
