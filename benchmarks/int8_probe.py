@@ -8,8 +8,10 @@ int8 weight-only decode >= 1.5x bf16 at batch 1).
    kernels (a first run of this script picked launches by wall clock that were 2x slower
    in decode).
 2. Batch-1 decode tok/s (128-token prompt, 128 new tokens): bf16 and int8 (the default
-   launches, this run's best launch per shape) under XLA's attention, then both under the
-   `decode` backend (RoPE, cache writes and attention in one kernel a layer).
+   launches; with bit_convert; with bit_convert and evict_first, whose L2 effect only a
+   whole decode step shows; this run's best launch per shape) under XLA's attention, then
+   the same under the `decode` backend (RoPE, cache writes and attention in one kernel a
+   layer; no sweep picks there).
 3. For the profiled rows, a trace of 16 and of 48 decode steps: the difference over 32 tokens
    gives each kernel's GPU time per token, the kernels per token and the GPU's idle time.
 
@@ -66,7 +68,6 @@ def candidates(n_out: int, n_in: int, fusion: str) -> list[tuple[str, GemvConfig
     # bit_convert first: the sweep's budget may run out before the end of the list
     out = [("default", base), ("default+bits", bits)]
     out.append(("default+bits, no chunk reduce", dataclasses.replace(bits, chunk_reduce=False)))
-    out.append(("default+bits+evict first", dataclasses.replace(bits, evict_first=True)))
     for bo, w in ((4, 4), (8, 4), (8, 8), (16, 4), (16, 8)):  # kernel_sass.py's fewest issued
         cfg = dataclasses.replace(bits, block_o=bo, num_warps=w)
         if cfg != bits:

@@ -49,23 +49,17 @@ print(subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, che
 """
 
 
-def triton_ir(n_out: int, n_in: int, fusion: str, overrides: dict) -> tuple[str, object]:
+def int8_matmul_ir(n_out: int, n_in: int, fusion: str, overrides: dict) -> tuple[str, object]:
     """(Triton IR text, launch) of `int8_matmul` for one row, lowered for CUDA here."""
     import jax
-    import jax._src.pallas.triton.lowering as lowering
     import jax.numpy as jnp
 
     from pallas_kernels import quant_matmul as qm
-
-    modules = []
-    original = lowering.lower_jaxpr_to_triton_module
-
-    def capture(*args, **kwargs):
-        result = original(*args, **kwargs)
-        modules.append(result.module.operation.get_asm())
-        return result
+    from pallas_kernels.common import triton_ir
 
     cfg = dataclasses.replace(qm.default_config(1, n_out, n_in), **overrides)
+    if cfg.num_splits not in (None, 1):
+        sys.exit(f"num_splits={cfg.num_splits}: this count assumes unsplit products")
     kw = {}
     if fusion in ("norm", "swiglu"):
         kw["norm_weight"] = jnp.ones((n_in,), jnp.bfloat16)
@@ -83,13 +77,8 @@ def triton_ir(n_out: int, n_in: int, fusion: str, overrides: dict) -> tuple[str,
         jax.ShapeDtypeStruct((n_out, n_in), jnp.int8),
         jax.ShapeDtypeStruct((n_out,), jnp.float32),
     )
-    lowering.lower_jaxpr_to_triton_module = capture
-    try:
-        jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
-    finally:
-        lowering.lower_jaxpr_to_triton_module = original
     # jaxlib's Triton prints a load's eviction policy in an older form than the wheel parses
-    text = modules[0].replace(
+    text = triton_ir(f, *args)[0].replace(
         "evictionPolicy = evict_first",
         "{cachePolicy = #tt.cache_policy<cache_modifier = none, eviction_policy = evict_first>}",
     )
@@ -136,11 +125,16 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     args = ap.parse_args()
     n_out, n_in = (int(v) for v in args.shape.split("x"))
+    from pallas_kernels.quant_matmul import GemvConfig
+
+    kinds = {f.name: f.type for f in dataclasses.fields(GemvConfig)}
     overrides = {}
     for item in args.set:
         k, v = item.split("=")
-        overrides[k] = bool(int(v)) if v in ("0", "1") and k != "num_splits" else int(v)
-    ir, cfg = triton_ir(n_out, n_in, args.fusion, overrides)
+        if k not in kinds:
+            sys.exit(f"--set {item}: GemvConfig has no field {k!r} (fields: {', '.join(kinds)})")
+        overrides[k] = bool(int(v)) if kinds[k] in (bool, "bool") else int(v)
+    ir, cfg = int8_matmul_ir(n_out, n_in, args.fusion, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "int8_matmul.ttir")
         with open(path, "w") as f:

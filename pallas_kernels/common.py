@@ -40,6 +40,29 @@ def gpu_compiler_params(num_warps: int, num_stages: int):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def triton_ir(f, *args) -> list[str]:
+    """The Triton IR (text) of each Pallas call in `f(*args)` lowered for CUDA: on any machine,
+    since jax runs the Triton lowering when it lowers, not when it compiles. `args`: arrays or
+    `jax.ShapeDtypeStruct`s. For tests and offline inspection (benchmarks/kernel_sass.py); it
+    hooks a private jax function, so it raises ImportError where that has moved."""
+    import jax._src.pallas.triton.lowering as lowering
+
+    modules = []
+    original = lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **kw):
+        result = original(*a, **kw)
+        modules.append(result.module.operation.get_asm())
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
+    return modules
+
+
 def tpu_interpret_params():
     """TPU interpreter that raises on out-of-bounds reads and fills fresh memory with NaN."""
     from jax.experimental.pallas import tpu as pltpu

@@ -278,7 +278,7 @@ def int8_matmul(
         extra.append(pad(residual.astype(x.dtype)))
     launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce, cfg.prefetch,
               cfg.late_norm and norm_weight is not None, cfg.bit_convert and m == 1,
-              cfg.evict_first)  # fmt: skip
+              cfg.evict_first and not interpret)  # the interpreter has no caches  # fmt: skip
     out = _int8_matmul_call(
         pad(x), codes, scale.reshape(1, n_out), tuple(extra), launch, fusion, interpret
     )
