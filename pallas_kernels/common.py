@@ -48,7 +48,9 @@ def triton_ir(f, *args) -> list[str]:
     import jax._src.pallas.triton.lowering as lowering
 
     modules = []
-    original = lowering.lower_jaxpr_to_triton_module
+    original = getattr(lowering, "lower_jaxpr_to_triton_module", None)
+    if original is None:
+        raise ImportError("jax._src.pallas.triton.lowering has no lower_jaxpr_to_triton_module")
 
     def capture(*a, **kw):
         result = original(*a, **kw)
