@@ -276,9 +276,17 @@ def int8_matmul(
         extra.append(norm_weight.reshape(1, n_in))
     if residual is not None:
         extra.append(pad(residual.astype(x.dtype)))
-    launch = (bo, bk, num_splits, cfg.num_warps, cfg.num_stages, cfg.chunk_reduce, cfg.prefetch,
-              cfg.late_norm and norm_weight is not None, cfg.bit_convert and m == 1,
-              cfg.evict_first and not interpret)  # the interpreter has no caches  # fmt: skip
+    # the launch as run: blocks and splits resolved, options off where they do not apply
+    # (late_norm without a norm, bit_convert for the dot path, evict_first interpreted)
+    launch = dataclasses.replace(
+        cfg,
+        block_o=bo,
+        block_k=bk,
+        num_splits=num_splits,
+        late_norm=cfg.late_norm and norm_weight is not None,
+        bit_convert=cfg.bit_convert and m == 1,
+        evict_first=cfg.evict_first and not interpret,
+    )
     out = _int8_matmul_call(
         pad(x), codes, scale.reshape(1, n_out), tuple(extra), launch, fusion, interpret
     )
@@ -287,17 +295,7 @@ def int8_matmul(
     return out[:m].astype(x.dtype)
 
 
-def _kernel(
-    *refs,
-    block_k: int,
-    chunks: int,
-    chunk_reduce: bool,
-    fusion: Fusion,
-    prefetch: bool,
-    late_norm: bool,
-    bit_convert: bool,
-    evict_first: bool,
-):
+def _kernel(*refs, launch: GemvConfig, chunks: int, fusion: Fusion):
     """x_ref [rows, split], (norm_ref [1, I]), q_ref [bo, split], s_ref [1, bo], (swiglu:
     the up rows' q and s), (res_ref [rows, bo]) -> o_ref [rows, bo]."""
     it = iter(refs)
@@ -315,18 +313,20 @@ def _kernel(
     one_row = rows == 1
     dt = x_ref.dtype
     f32 = jnp.float32
+    block_k, chunk_reduce, prefetch = launch.block_k, launch.chunk_reduce, launch.prefetch
+    late_norm, bit_convert = launch.late_norm, launch.bit_convert
 
-    # prefetch: at batch 1 a GEMV is a few µs long and each program runs once, so every wait
-    # for memory is on the kernel's critical path; issue the independent loads up front.
-    def load_codes(q_ref, cols):  # the codes are read once a token: first out of L2
-        if evict_first:  # imported here: the Triton backend is deprecated from jax 0.11
+    def read_codes(q_ref, cols):  # the codes are read once a token: first out of L2
+        if launch.evict_first:  # imported here: the Triton backend is deprecated from jax 0.11
             from jax.experimental.pallas import triton as pltriton
 
             return pltriton.load(q_ref.at[:, cols], eviction_policy="evict_first")
         return q_ref[:, cols]
 
+    # prefetch: at batch 1 a GEMV is a few µs long and each program runs once, so every wait
+    # for memory is on the kernel's critical path; issue the independent loads up front.
     whole = chunks == 1 and prefetch
-    q_whole = [load_codes(q_ref, slice(None)) for q_ref in q_refs] if whole else None
+    q_whole = [read_codes(q_ref, slice(None)) for q_ref in q_refs] if whole else None
     scales = [s_ref[...] for s_ref in s_refs] if prefetch else None
     res = res_ref[...] if prefetch and res_ref is not None else None
     x_whole = x_ref[...] if whole or (norm_ref is not None and not late_norm) else None
@@ -363,7 +363,7 @@ def _kernel(
         k = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
         x = x_ref[:, k]  # [rows, bk]
         nrm = norm_ref[:, k] if norm_ref is not None else None
-        return products(x, nrm, lambda: [load_codes(q_ref, k) for q_ref in q_refs], accs)
+        return products(x, nrm, lambda: [read_codes(q_ref, k) for q_ref in q_refs], accs)
 
     if one_row:
         init = jnp.zeros((bo,) if chunk_reduce else (bo, block_k), f32)
@@ -396,22 +396,11 @@ def _kernel(
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
-    (bo, bk, splits, num_warps, num_stages, chunk_reduce, prefetch, late_norm, bit_convert,
-     evict_first) = launch  # fmt: skip
+    bo, bk, splits = launch.block_o, launch.block_k, launch.num_splits
     rows, n_in = x.shape
     width = codes.shape[0] // 2 if fusion.swiglu else codes.shape[0]
     split_len = n_in // splits
-    kernel = functools.partial(
-        _kernel,
-        block_k=bk,
-        chunks=split_len // bk,
-        chunk_reduce=chunk_reduce,
-        fusion=fusion,
-        prefetch=prefetch,
-        late_norm=late_norm,
-        bit_convert=bit_convert,
-        evict_first=evict_first,
-    )
+    kernel = functools.partial(_kernel, launch=launch, chunks=split_len // bk, fusion=fusion)
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows, width), x.dtype)
         out_spec = pl.BlockSpec((rows, bo), lambda j, s: (0, j))
@@ -441,6 +430,8 @@ def _int8_matmul_call(x, codes, scale, extra, launch, fusion, interpret):
         out_specs=out_spec,
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=None if interpret else gpu_compiler_params(num_warps, num_stages),
+        compiler_params=None
+        if interpret
+        else gpu_compiler_params(launch.num_warps, launch.num_stages),
         name="int8_matmul",
     )(*args)
