@@ -22,6 +22,15 @@ from jaxllm.quant.qtensor import QuantizedWeight, quantize
 from pallas_kernels import quant_matmul
 from pallas_kernels.quant_matmul import GemvConfig, int8_matmul, int8_matmul_reference
 
+BASE_DEFAULT = quant_matmul.default_config
+
+
+def bit_converting(rows: int, n_out: int, n_in: int) -> GemvConfig:
+    """The default launch with the codes widened by bit operations (`int8_matmul` applies
+    it to one row only)."""
+    return dataclasses.replace(BASE_DEFAULT(rows, n_out, n_in), bit_convert=True)
+
+
 LAYERS = 8  # distinct weights per timed call: 128 MB of int8 codes at 2048x8192, past L2
 # (block_o, block_k, num_warps, num_stages) beside the defaults; num_splits automatic.
 SWEEP = [(16, 512, 4, 3)]  # benchmarks/int8_sweep.py sweeps launches at length
@@ -111,13 +120,8 @@ def decode_rows(decode_check, quick: bool, bf16_tps: float | None = None) -> Non
     print(f"| | {dtype} | {bf16_tps:.1f} | | 1.00x |", flush=True)
     # XLA's dequantize-then-dot path is left to the GEMV table (0.47x bf16 there, 0.48x in
     # decode on an H100): its decode row cost ~20 s of the check's 5 minutes.
-    base = quant_matmul.default_config
-
-    def bit_converting(rows: int, n_out: int, n_in: int) -> GemvConfig:
-        return dataclasses.replace(base(rows, n_out, n_in), bit_convert=rows == 1)
-
     rows = (
-        ("int8, Pallas GEMV (norm, SwiGLU, residual fused)", base),
+        ("int8, Pallas GEMV (norm, SwiGLU, residual fused)", BASE_DEFAULT),
         ("int8, Pallas GEMV fused, bit_convert", bit_converting),
     )
     for label, launches in rows:
@@ -130,7 +134,7 @@ def decode_rows(decode_check, quick: bool, bf16_tps: float | None = None) -> Non
             print(f"| | {label} | failed: {type(e).__name__}: {str(e)[:200]} | | |", flush=True)
             continue
         finally:
-            quant_matmul.default_config = base
+            quant_matmul.default_config = BASE_DEFAULT
         print(f"| | {label} | {tps:.1f} | {pps:.0f} | {tps / bf16_tps:.2f}x |", flush=True)
     print(f"(int8 decode rows took {time.perf_counter() - t0:.0f} s)")
 

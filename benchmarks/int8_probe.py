@@ -43,13 +43,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax
 import jax.numpy as jnp
+from int8_check import BASE_DEFAULT, bit_converting
 from int8_fused import CHAIN_BYTES, PRODUCTS, QUICK_PRODUCTS, fusion_args, rel_err
 from kernels import device_peak, timed
 
 from pallas_kernels import quant_matmul as qm
 from pallas_kernels.quant_matmul import GemvConfig, int8_matmul, int8_matmul_reference
 
-BASE_DEFAULT = qm.default_config
 # the four layer products, then the tied head (10% of an int8 token on the H100)
 PROBE_PRODUCTS = [*PRODUCTS, ("head", (128256, 2048), "none")]
 
@@ -306,11 +306,6 @@ def launches(picks: dict):
         return BASE_DEFAULT(rows, n_out, n_in)
 
     return config
-
-
-def bit_converting(rows: int, n_out: int, n_in: int) -> GemvConfig:
-    """The default launch with the codes widened by bit operations (one row)."""
-    return dataclasses.replace(BASE_DEFAULT(rows, n_out, n_in), bit_convert=rows == 1)
 
 
 def streaming(rows: int, n_out: int, n_in: int) -> GemvConfig:

@@ -186,11 +186,13 @@ def _kernel(
         kc_out[pl.ds(slot, 1), pl.ds(h, h)] = k2.astype(cdt)
         vc_out[pl.ds(slot, 1), :] = v.astype(cdt)
 
-    def widen(x):
+    def widen(x):  # a cache value as the reference reads it: the cache dtype, then qkv's
         return x.astype(cdt).astype(dt).astype(f32)
 
     q1 = q1.astype(f32) * sm_scale
     q2 = q2.astype(f32) * sm_scale
+    # The new key first, from registers: its score starts the running max, so every later
+    # block's rescale is finite.
     m = jnp.sum(q1 * widen(k1), axis=1, keepdims=True) + jnp.sum(q2 * widen(k2), axis=1,
                                                                   keepdims=True)  # fmt: skip
     l = jnp.ones((1, 1), f32)
