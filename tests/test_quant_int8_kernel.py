@@ -40,6 +40,23 @@ def case(m, o, i, dtype, seed=0):
     return x, quantize(w, 8)
 
 
+def fused_case(m, dtype, fusion, seed, key_seed):
+    """x [m, I], an int8 weight and `int8_matmul`'s inputs for `fusion` (None, "norm",
+    "swiglu": [gate; up] rows after a norm, "residual")."""
+    o, i = (128, 256) if fusion == "swiglu" else (64, 256)
+    x, qw = case(m, o, i, dtype, seed=seed)
+    key = jax.random.PRNGKey(key_seed)
+    args = {}
+    if fusion in ("norm", "swiglu"):
+        norm_w = (1.0 + 0.1 * jax.random.normal(key, (i,))).astype(dtype)
+        args.update(norm_weight=norm_w, norm_eps=1e-5)
+    if fusion == "swiglu":
+        args.update(swiglu=True)
+    if fusion == "residual":
+        args.update(residual=jax.random.normal(key, (m, o)).astype(dtype))
+    return x, qw, args
+
+
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
@@ -102,17 +119,8 @@ def test_int8_matmul_matches_reference_and_dequantized_float(m, o, i, dtype, kw)
 def test_fused_int8_matmul_matches_the_unfused_ops(m, dtype, fusion, kw):
     """The norm prologue, SwiGLU and residual epilogues against the model's ops run one at a
     time (`int8_matmul_reference`) and against the unfused kernel followed by those ops."""
-    o, i = (128, 256) if fusion == "swiglu" else (64, 256)
-    x, qw = case(m, o, i, dtype, seed=3)
-    key = jax.random.PRNGKey(7)
-    norm_w = (1.0 + 0.1 * jax.random.normal(key, (i,))).astype(dtype)
-    args = {}
-    if fusion in ("norm", "swiglu"):
-        args.update(norm_weight=norm_w, norm_eps=1e-5)
-    if fusion == "swiglu":
-        args.update(swiglu=True)
-    if fusion == "residual":
-        args.update(residual=jax.random.normal(key, (m, o)).astype(dtype))
+    x, qw, args = fused_case(m, dtype, fusion, seed=3, key_seed=7)
+    o = qw.values.shape[0]
     got = int8_matmul(x, qw.values, qw.scale, interpret=True, **args, **kw)
     want = int8_matmul_reference(x, qw.values, qw.scale, **args)
     width = o // 2 if fusion == "swiglu" else o
@@ -123,7 +131,7 @@ def test_fused_int8_matmul_matches_the_unfused_ops(m, dtype, fusion, kw):
     if "norm_weight" in args:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5)
-        xin = norm_w * x32.astype(dtype)
+        xin = args["norm_weight"] * x32.astype(dtype)
     y = int8_matmul(xin, qw.values, qw.scale, interpret=True)
     if fusion == "swiglu":
         y = jax.nn.silu(y[:, :width]) * y[:, width:]
@@ -153,17 +161,7 @@ def test_bit_convert_gives_the_conversion_launchs_exact_output(fusion, kw):
     summation order, so the output equals the conversion launch's bit for bit (and so is as
     close to the reference as that one). That the kernel takes the option at all is checked
     on its lowered form below."""
-    m = 1
-    o, i = (128, 256) if fusion == "swiglu" else (64, 256)
-    x, qw = case(m, o, i, jnp.bfloat16, seed=5)
-    key = jax.random.PRNGKey(11)
-    args = {}
-    if fusion in ("norm", "swiglu"):
-        args.update(norm_weight=(1.0 + 0.1 * jax.random.normal(key, (i,))).astype(x.dtype))
-    if fusion == "swiglu":
-        args.update(swiglu=True)
-    if fusion == "residual":
-        args.update(residual=jax.random.normal(key, (m, o)).astype(x.dtype))
+    x, qw, args = fused_case(1, jnp.bfloat16, fusion, seed=5, key_seed=11)
     plain = int8_matmul(x, qw.values, qw.scale, interpret=True, **args, **kw)
     got = int8_matmul(x, qw.values, qw.scale, interpret=True, bit_convert=True, **args, **kw)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(plain, np.float32))
