@@ -99,46 +99,77 @@ struct Problem {
 
 
 // Lane j of the result is the sum of the lanes of v[j] (a transposing tree of shuffles):
-// 16 dot products finish in 30 shuffles instead of 16 serial horizontal sums.
+// 16 dot products finish in 30 shuffles instead of 16 serial horizontal sums. Each level
+// folds every vector's lanes in half and packs two vectors' halves into one.
+#define JAXLLM_FOLD(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 inline Vec SumEach(const Vec* v) {
+#if JAXLLM_LANES == 16
   Vec w[8], x[4], y[2];
   for (int i = 0; i < 8; ++i) {
     const Vec a = v[2 * i], b = v[2 * i + 1];
-    w[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                                   31);
+    w[i] = JAXLLM_FOLD(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           JAXLLM_FOLD(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   }
   for (int i = 0; i < 4; ++i) {
     const Vec a = w[2 * i], b = w[2 * i + 1];
-    x[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    x[i] = JAXLLM_FOLD(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           JAXLLM_FOLD(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
   }
   for (int i = 0; i < 2; ++i) {
     const Vec a = x[2 * i], b = x[2 * i + 1];
-    y[i] = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    y[i] = JAXLLM_FOLD(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           JAXLLM_FOLD(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
   }
-  return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                 28, 30) +
-         __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
-                                 29, 31);
+  return JAXLLM_FOLD(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         JAXLLM_FOLD(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#elif JAXLLM_LANES == 8
+  Vec w[4], x[2];
+  for (int i = 0; i < 4; ++i) {
+    const Vec a = v[2 * i], b = v[2 * i + 1];
+    w[i] = JAXLLM_FOLD(a, b, 0, 1, 2, 3, 8, 9, 10, 11) + JAXLLM_FOLD(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const Vec a = w[2 * i], b = w[2 * i + 1];
+    x[i] = JAXLLM_FOLD(a, b, 0, 1, 4, 5, 8, 9, 12, 13) + JAXLLM_FOLD(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
+  }
+  return JAXLLM_FOLD(x[0], x[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         JAXLLM_FOLD(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#else
+  const Vec w0 = JAXLLM_FOLD(v[0], v[1], 0, 1, 4, 5) + JAXLLM_FOLD(v[0], v[1], 2, 3, 6, 7);
+  const Vec w1 = JAXLLM_FOLD(v[2], v[3], 0, 1, 4, 5) + JAXLLM_FOLD(v[2], v[3], 2, 3, 6, 7);
+  return JAXLLM_FOLD(w0, w1, 0, 2, 4, 6) + JAXLLM_FOLD(w0, w1, 1, 3, 5, 7);
+#endif
+}
+
+// v with the upper half of its lanes swapped with the lower half.
+inline Vec SwapHalves(Vec v) {
+#if JAXLLM_LANES == 16
+  return JAXLLM_FOLD(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+#elif JAXLLM_LANES == 8
+  return JAXLLM_FOLD(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+#else
+  return JAXLLM_FOLD(v, v, 2, 3, 0, 1);
+#endif
 }
 
 inline float MaxOf(Vec v) {
-  v = Select(v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5,
-                                         6, 7),
-             v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = Select(v > SwapHalves(v), v, SwapHalves(v));
   float m = v[0];
-  for (int i = 1; i < 8; ++i) m = std::max(m, v[i]);
+  for (int i = 1; i < kLanes / 2; ++i) m = std::max(m, v[i]);
   return m;
 }
 
 inline float SumOf(Vec v) {
-  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += SwapHalves(v);
+#if JAXLLM_LANES == 16
+  v += JAXLLM_FOLD(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += JAXLLM_FOLD(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+#elif JAXLLM_LANES == 8
+  v += JAXLLM_FOLD(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+#endif
   return v[0] + v[1];
 }
+#undef JAXLLM_FOLD
 
 // exp of each lane for x <= 0 (scores less their running maximum), relative error ~2e-7;
 // lanes below -87 (masked keys: -inf) give 0. std::exp is a scalar libm call per key.
@@ -272,10 +303,12 @@ void RunItem(const Problem<Pages>& p, const Item& it) {
       // registers across the chunk's keys (a store per vector per chunk, not per key: with
       // the accumulators in memory the stores bounded the loop).
       if constexpr (NV > 0) {
-        // Blocks of up to 16 / NV queries accumulate in registers, each value vector widened
-        // once per block (a query whose row precedes the chunk adds zeros: its e is 0 and
-        // every key below the item's last row is written, so finite).
-        constexpr int64_t kBlock = 16 / NV;
+        // Blocks of up to kAccVectors / NV queries accumulate in registers, each value vector
+        // widened once per block (a query whose row precedes the chunk adds zeros: its e is 0
+        // and every key below the item's last row is written, so finite). Half the machine's
+        // vector registers hold accumulators: 16 of AVX-512's 32, 8 of AVX's 16.
+        constexpr int64_t kAccVectors = kLanes == 16 ? 16 : 8;
+        constexpr int64_t kBlock = NV < kAccVectors ? kAccVectors / NV : 1;
         for (int64_t q0 = 0; q0 < nq; q0 += kBlock) {
           const Vec* e = evp + q0;
           Vec* acc = accp + q0 * NV;
@@ -360,6 +393,7 @@ void Attend(const Problem<Pages>& p, int64_t t, int64_t s) {
       switch (p.d / kLanes) {
         case 4: RunItem<Pages, 4>(p, items[i]); break;
         case 8: RunItem<Pages, 8>(p, items[i]); break;
+        case 16: RunItem<Pages, 16>(p, items[i]); break;
         default: RunItem<Pages, 0>(p, items[i]);
       }
     }

@@ -25,7 +25,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -43,8 +43,9 @@ constexpr int64_t kMinParallelElements = 1 << 16;
 // From this many rows the int8 x int8 products take int8_gemm.cc's column-panel kernel.
 constexpr int64_t kGemmRows = 4;
 
-// 16 nibbles -> 16 floats (int8 codes: vec.h's LoadS8). GCC scalarises a generic vector
-// conversion from bytes, so x86 gets the widening instructions by name.
+// kLanes bytes -> their kLanes low and kLanes high nibbles as floats (int8 codes: vec.h's
+// LoadS8). GCC scalarises a generic vector conversion from bytes, so x86 gets the widening
+// instructions by name.
 #if defined(__AVX512F__)
 inline Vec FromInts(__m512i v) { return (Vec)_mm512_cvtepi32_ps(v); }
 // Low and high nibbles of 16 bytes.
@@ -53,6 +54,14 @@ inline void WidenNibbles(const uint8_t* p, Vec* lo, Vec* hi) {
   const __m128i mask = _mm_set1_epi8(15);
   *lo = FromInts(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
   *hi = FromInts(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+}
+#elif defined(__AVX2__)
+inline Vec FromInts(__m256i v) { return (Vec)_mm256_cvtepi32_ps(v); }
+inline void WidenNibbles(const uint8_t* p, Vec* lo, Vec* hi) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(15);
+  *lo = FromInts(_mm256_cvtepu8_epi32(_mm_and_si128(b, mask)));
+  *hi = FromInts(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
 }
 #else
 inline void WidenNibbles(const uint8_t* p, Vec* lo, Vec* hi) {
