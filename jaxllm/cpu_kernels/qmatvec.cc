@@ -88,8 +88,47 @@ struct Job {
 // folded into the widened codes; per-row sums are reduced across lanes once per output.
 constexpr int kRowBlock = 8;
 
+// Below kChains rows each row keeps kChains / RB accumulators, taking consecutive vectors in
+// turn: with one, every multiply-add waited for the previous one's result, and a one-row
+// step widened codes at two thirds of the rate it does with four (measured on AVX2).
+constexpr int kChains = 4;
+
+template <int RB>
+void Block8Chains(const Job& job, int64_t j, int64_t r0) {
+  constexpr int U = kChains / RB;
+  const int64_t g = job.k / job.groups;
+  const int8_t* wj = static_cast<const int8_t*>(job.w) + j * job.k;
+  const float* sj = job.scale + j * job.groups;
+  const float* x0 = job.x + r0 * job.k;
+  Vec acc[U][RB] = {};
+  for (int64_t gi = 0; gi < job.groups; ++gi) {
+    const Vec s = Vec{} + sj[gi];
+    const int64_t end = (gi + 1) * g;
+    int64_t i = gi * g;
+    for (; i + U * kLanes <= end; i += U * kLanes) {
+      for (int u = 0; u < U; ++u) {
+        const Vec w = LoadS8(wj + i + u * kLanes) * s;
+        for (int r = 0; r < RB; ++r) acc[u][r] += Load(x0 + r * job.k + i + u * kLanes) * w;
+      }
+    }
+    for (; i < end; i += kLanes) {
+      const Vec w = LoadS8(wj + i) * s;
+      for (int r = 0; r < RB; ++r) acc[0][r] += Load(x0 + r * job.k + i) * w;
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    Vec t = acc[0][r];
+    for (int u = 1; u < U; ++u) t += acc[u][r];
+    job.y[(r0 + r) * job.n + j] = Sum(t);
+  }
+}
+
 template <int RB>
 void Block8(const Job& job, int64_t j, int64_t r0) {
+  if constexpr (RB < kChains) {
+    Block8Chains<RB>(job, j, r0);
+    return;
+  }
   const int64_t g = job.k / job.groups;
   const int8_t* wj = static_cast<const int8_t*>(job.w) + j * job.k;
   const float* sj = job.scale + j * job.groups;
