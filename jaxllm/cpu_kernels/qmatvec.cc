@@ -218,6 +218,31 @@ inline void DotChunk(const int8_t* w, const int8_t* x, int64_t k, __m512i* acc, 
 }
 #endif
 
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
+// AVX2's vpmaddubsw multiplies unsigned by signed bytes into saturating int16 pair sums, so
+// the signs move onto the activations: |w| * (x * sign(w)). Codes within [-127, 127] on one
+// side and [-128, 127] on the other keep each pair sum within 2 * 128 * 127 < 2^15: exact.
+// acc[r] += x_r . w per int32 lane for one 32-byte run of W against RB activation rows.
+template <int RB>
+inline void DotChunk32(const int8_t* w, const int8_t* x, int64_t k, __m256i* acc) {
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i wabs = _mm256_sign_epi8(wv, wv);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < RB; ++r) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * k));
+    const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
+    acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, ones));
+  }
+}
+
+inline int32_t SumInts(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
 // Per-group activation scales: each group's exact int32 product is converted to float and
 // added times its scale, groups in order with one rounding each (std::fma): the same float
 // operations as int8_gemm.cc's per column, so a row's result does not depend on how many rows
@@ -250,6 +275,23 @@ void GroupDotBlock(const GroupDotJob& job, int64_t j, int64_t r0) {
       const int32_t offset = 128 * _mm512_reduce_add_epi32(wsum);
       for (int r = 0; r < RB; ++r) {
         const float exact = static_cast<float>(_mm512_reduce_add_epi32(lanes[r]) - offset);
+        out[r] = std::fma(exact, s0[r * job.groups + gi], out[r]);
+      }
+    }
+    const float c = job.colscale != nullptr ? job.colscale[j] : 1.0f;
+    for (int r = 0; r < RB; ++r) job.y[(r0 + r) * job.n + j] = out[r] * c;
+    return;
+  }
+#elif defined(__AVX2__)
+  if (g % 32 == 0) {
+    for (int64_t gi = 0; gi < job.groups; ++gi) {
+      __m256i lanes[RB];
+      for (int r = 0; r < RB; ++r) lanes[r] = _mm256_setzero_si256();
+      for (int64_t i = gi * g; i < (gi + 1) * g; i += 32) {
+        DotChunk32<RB>(wj + i, x0 + i, k, lanes);
+      }
+      for (int r = 0; r < RB; ++r) {
+        const float exact = static_cast<float>(SumInts(lanes[r]));
         out[r] = std::fma(exact, s0[r * job.groups + gi], out[r]);
       }
     }
