@@ -12,7 +12,10 @@ accumulation, in both paths.
 
 The kernel is compiled on first use with the system C++ compiler into the jaxllm cache,
 keyed by source, flags and CPU. Without a compiler, or with JAXLLM_CPU_KERNELS=0, the einsum
-is used everywhere. Gradients are the einsum's (custom VJP), so training code may call
+is used everywhere. It targets this machine's CPU (`-march=native`); JAXLLM_CPU_MARCH names
+another target (`x86-64-v3`, say, for a library shared by a cluster's mixed hosts). Its
+vectors are as wide as the target's float registers (`lanes()`: 16 with AVX-512, 8 with AVX,
+4 otherwise). Gradients are the einsum's (custom VJP), so training code may call
 `linear` as well.
 
 Programs sharded over several devices trace under `einsum_only()`: the kernel has no
@@ -142,6 +145,11 @@ def _build(
     return out
 
 
+def _flags() -> list[str]:
+    march = os.environ.get("JAXLLM_CPU_MARCH", "native")
+    return [f"-march={march}" if f == "-march=native" else f for f in _FLAGS]
+
+
 def available() -> bool:
     """True when the kernel is built, loaded and registered (builds it on the first call),
     and not switched off by `einsum_only()`."""
@@ -151,7 +159,7 @@ def available() -> bool:
         if "ok" not in _state:
             _state["ok"] = False
             if os.environ.get("JAXLLM_CPU_KERNELS", "1") != "0":
-                path = _build()
+                path = _build(flags=_flags())
                 if path is not None:
                     lib = ctypes.cdll.LoadLibrary(str(path))
                     for target, symbol in _MATVEC_TARGETS.values():
@@ -176,6 +184,12 @@ def available() -> bool:
                     _state["lib"] = lib
                     _state["ok"] = True
         return bool(_state["ok"])
+
+
+def lanes() -> int:
+    """The float lanes of the built kernels' vectors (16, 8 or 4); 0 when they are not
+    available."""
+    return int(_state["lib"].JaxllmLanes()) if available() else 0
 
 
 def einsum_linear(x: jax.Array, w: jax.Array) -> jax.Array:

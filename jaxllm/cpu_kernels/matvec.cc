@@ -123,6 +123,9 @@ ffi::Error MatVec(ffi::Buffer<ffi::F32> x, ffi::Buffer<W::kType> w,
 
 }  // namespace
 
+// The float lanes of this build's vectors (vec.h): 16, 8 or 4.
+extern "C" int JaxllmLanes() { return static_cast<int>(kLanes); }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmMatVec, MatVec<F32Weights>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
