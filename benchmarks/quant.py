@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8, help="evaluated windows of 512 tokens")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-speed", action="store_true", help="skip the decode timings")
+    ap.add_argument("--no-ppl", action="store_true", help="skip the perplexities (speed only)")
     ap.add_argument("--out", default=None, help="also write the table (markdown) and JSON here")
     args = ap.parse_args(argv)
 
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
             model = quantize_model(nnx.clone(float_model), qc, quantizer, native, act_absmax)
         quant_s = time.perf_counter() - t0
         kv_dtype = jnp.int8 if qc is not None and qc.kv_bits == 8 else jnp.float32
-        ppl = perplexity(model, windows, kv_dtype)
+        ppl = float("nan") if args.no_ppl else perplexity(model, windows, kv_dtype)
         held, bf16 = weight_bytes(model)
         kv_bf16 = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
         kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
