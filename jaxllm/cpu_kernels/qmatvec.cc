@@ -220,8 +220,9 @@ inline void DotChunk(const int8_t* w, const int8_t* x, int64_t k, __m512i* acc, 
 
 #if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
 // AVX2's vpmaddubsw multiplies unsigned by signed bytes into saturating int16 pair sums, so
-// the signs move onto the activations: |w| * (x * sign(w)). Codes within [-127, 127] on one
-// side and [-128, 127] on the other keep each pair sum within 2 * 128 * 127 < 2^15: exact.
+// the signs move onto the activations: |w| * (x * sign(w)). Activation codes within
+// [-127, 127] (QuantizeRows clips them; x * sign(w) cannot wrap) and weight codes within
+// [-128, 127] keep each pair sum within 2 * 128 * 127 < 2^15: exact.
 // acc[r] += x_r . w per int32 lane for one 32-byte run of W against RB activation rows.
 template <int RB>
 inline void DotChunk32(const int8_t* w, const int8_t* x, int64_t k, __m256i* acc) {
