@@ -19,9 +19,10 @@ from jaxllm.quant.kv import QuantizedKV, quantize_kv
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.reference import paged_attention_reference, ragged_paged_attention_reference
-from tests.test_kernels import TOL, make_paged, max_err
+from tests.test_kernels import TOL, make_paged, max_err, normal
 
 
+@jax.jit  # one program rather than an XLA compile per eager op
 def int8_pool(pages: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """float pages [K, P, page, D] -> (int8 codes, scales [K, P, page], dequantized float32
     pool, the oracle's input); a slot holding NaN gets a NaN scale."""
@@ -55,7 +56,7 @@ def mixed_step():
     codes, floats, lens, tables, _ = int8_paged(h, kh, d, page, kv_lens)
     tables = share_prefix(tables, lens, page)
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-    q = jax.random.normal(jax.random.PRNGKey(3), (int(cu[-1]) + 3, h, d), jnp.float32)
+    q = normal(103, (int(cu[-1]) + 3, h, d), jnp.float32)
     return q, codes, floats, lens, tables, cu
 
 
@@ -73,20 +74,27 @@ def test_paged_decode_over_int8_pages_matches_dequantized_pool(
 ):
     (kc, vc, ks, vs), (kd, vd), lens, tables, (kp, vp) = int8_paged(h, kh, d, page, lengths)
     tables = share_prefix(tables, lens, page)
-    q = jax.random.normal(jax.random.PRNGKey(1), (len(lengths), h, d), dtype)
-    want = paged_attention_reference(q.astype(jnp.float32), kd, vd, lens, tables, sm_scale=d**-0.5)
-    got = paged_attention(
-        q, kc, vc, lens, tables, k_scales=ks, v_scales=vs, num_splits=splits, pages_per_block=2
-    )
-    assert got.dtype == dtype and not bool(jnp.isnan(got).any())
+    q = normal(101, (len(lengths), h, d), dtype)
+
+    @jax.jit  # one program: the kernel, the references and the float pages' oracle
+    def run(q, kc, vc, ks, vs, kd, vd, kp, vp, lens, tables):
+        ref = lambda q, k, v, **kw: paged_attention_reference(
+            q, k, v, lens, tables, sm_scale=d**-0.5, **kw
+        )
+        got = paged_attention(q, kc, vc, lens, tables, k_scales=ks, v_scales=vs,
+                              num_splits=splits, pages_per_block=2)  # fmt: skip
+        want = ref(q.astype(jnp.float32), kd, vd)
+        scaled_ref = ref(q, kc, vc, k_scales=ks, v_scales=vs)
+        return got, want, scaled_ref, ref(q, kp.astype(dtype), vp.astype(dtype))
+
+    got, want, ref, exact = run(q, kc, vc, ks, vs, kd, vd, kp, vp, lens, tables)
+    assert got.dtype == dtype
+    got = np.asarray(got, np.float32)
+    assert not np.isnan(got).any()
     assert max_err(got, want) <= TOL[dtype]
-    ref = paged_attention_reference(q, kc, vc, lens, tables, sm_scale=d**-0.5, k_scales=ks,
-                                    v_scales=vs)  # fmt: skip
     assert max_err(ref, want) <= TOL[dtype]
-    assert float(jnp.max(jnp.abs(got[lens == 0]))) == 0.0 if (lens == 0).any() else True
+    assert np.all(got[np.asarray(lens) == 0] == 0.0)
     # The quantization itself: close to attention over the float pages it came from.
-    exact = paged_attention_reference(q, kp.astype(dtype), vp.astype(dtype), lens, tables,
-                                      sm_scale=d**-0.5)  # fmt: skip
     assert max_err(got, exact) <= 0.03
 
 
@@ -96,7 +104,7 @@ def test_tpu_paged_decode_over_int8_pages_interpret():
     past a sequence's end; the scale rows travel in their own DMAs."""
     (kc, vc, ks, vs), (kd, vd), lens, tables, _ = int8_paged(9, 3, 128, 16, [0, 1, 37, 70])
     tables = share_prefix(tables[1:], lens[1:], 16)
-    q = jax.random.normal(jax.random.PRNGKey(2), (3, 9, 128), jnp.float32)
+    q = normal(102, (3, 9, 128), jnp.float32)
     want = paged_attention_reference(q, kd, vd, lens[1:], tables, sm_scale=128**-0.5)
     got = paged_attention(
         q, kc, vc, lens[1:], tables, k_scales=ks, v_scales=vs, platform="tpu", interpret=True
@@ -110,20 +118,24 @@ def test_ragged_over_int8_pages_matches_dequantized_pool(window):
     pages, an unused sequence slot and padding rows; with and without a sliding window."""
     q, (kc, vc, ks, vs), (kd, vd), lens, tables, cu = mixed_step()
     d = q.shape[-1]
-    want = ragged_paged_attention_reference(
-        q, kd, vd, lens, tables, cu, 3, sm_scale=d**-0.5, sliding_window=window
-    )
-    got = ragged_paged_attention(
-        q, kc, vc, lens, tables, cu, 3, k_scales=ks, v_scales=vs, sliding_window=window,
-        block_q=4, pages_per_block=2,
-    )  # fmt: skip
-    assert not bool(jnp.isnan(got).any())
+
+    @jax.jit  # one program: the kernel and both references
+    def run(q, kc, vc, ks, vs, kd, vd, lens, tables, cu):
+        kw = dict(sm_scale=d**-0.5, sliding_window=window)
+        want = ragged_paged_attention_reference(q, kd, vd, lens, tables, cu, 3, **kw)
+        got = ragged_paged_attention(
+            q, kc, vc, lens, tables, cu, 3, k_scales=ks, v_scales=vs, sliding_window=window,
+            block_q=4, pages_per_block=2,
+        )  # fmt: skip
+        ref = ragged_paged_attention_reference(
+            q, kc, vc, lens, tables, cu, 3, k_scales=ks, v_scales=vs, **kw
+        )
+        return got, want, ref
+
+    got, want, ref = map(np.asarray, run(q, kc, vc, ks, vs, kd, vd, lens, tables, cu))
+    assert not np.isnan(got).any()
     assert max_err(got, want) <= TOL[jnp.float32]
-    assert float(jnp.max(jnp.abs(got[int(cu[3]) :]))) == 0.0  # unused slot and padding
-    ref = ragged_paged_attention_reference(
-        q, kc, vc, lens, tables, cu, 3, sm_scale=d**-0.5, sliding_window=window,
-        k_scales=ks, v_scales=vs,
-    )  # fmt: skip
+    assert np.all(got[int(cu[3]) :] == 0.0)  # unused slot and padding
     assert max_err(ref, want) <= TOL[jnp.float32]
 
 
