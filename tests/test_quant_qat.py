@@ -46,7 +46,8 @@ def tiny():
 def _loss(model, params_model, recipe, windows):
     teacher = teacher_log_probs(params_model, windows)
     wrap_fake_quant(model, recipe)
-    return float(np.mean([kl_loss(model, jnp.asarray([w]), t) for w, t in zip(windows, teacher)]))
+    loss = nnx.jit(kl_loss)  # one program, not an XLA compile per eager op of the forward
+    return float(np.mean([loss(model, jnp.asarray([w]), t) for w, t in zip(windows, teacher)]))
 
 
 def test_a_few_optax_steps_lower_the_loss(tiny):
