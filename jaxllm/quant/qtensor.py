@@ -23,6 +23,7 @@ Axes: out O, in I, groups N = I / group.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -312,9 +313,18 @@ def quantize(
     g = check_groups(w.shape, group, name)
     if bits == 4 and g % 2:
         raise JaxLLMError(f"{name}: int4 needs an even group size, got {g}")
+    blocks = None
     if scale_bits is not None:
         check_scale_bits(scale_bits, bits, symmetric, name)
         blocks = super_block_count(w.shape[1] // g, scale_block, name)
+    return _rtn(w, bits, g, symmetric, blocks)
+
+
+# One program per (shape, scheme): op by op, each of the ~45 ops of a double-quantized int4
+# weight was its own XLA compile per shape, and loading SmolLM2 as int4-g32 took 33 s.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _rtn(w: jax.Array, bits: int, g: int, symmetric: bool, blocks: int | None) -> QuantizedWeight:
+    if blocks is not None:
         return quantize_double(w, g, *super_scales(w, g, blocks))
     if not symmetric:
         return quantize_asymmetric_with(w, *asymmetric_params(w, g), g)
