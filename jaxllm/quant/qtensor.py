@@ -112,6 +112,11 @@ def group_params(w: QuantizedWeight) -> tuple[jax.Array, jax.Array | None]:
 
 def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     """float [O, I]."""
+    return _dequantize(w, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one program, not an XLA compile per eager op
+def _dequantize(w: QuantizedWeight, dtype: jnp.dtype) -> jax.Array:
     o, i = w.shape
     q = codes(w).astype(jnp.float32).reshape(o, i // w.group, w.group)
     if w.bits == 4 and w.offset is None:
