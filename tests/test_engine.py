@@ -3,6 +3,7 @@ prefix caching, separate seeded requests, and the block manager's own invariants
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -296,13 +297,16 @@ def test_cpu_paged_attention_matches_reference(native):
         pytest.skip("no C++ compiler: the native kernel is not built")
     kv_lens, q_lens = [1, 37, 50, 20, 300], [1, 5, 50, 1, 300]
     q, kp, vp, lens, tables, cu = ragged_inputs(9, 3, 64, 16, kv_lens, q_lens, jnp.float32, pad=0)
-    want = ragged_paged_attention_reference(q, kp, vp, lens, tables, cu, 5, sm_scale=0.125)
+    # jitted: op by op, each eager jnp op on a new shape is its own XLA compile
+    ref = lambda *a: ragged_paged_attention_reference(*a, 5, sm_scale=0.125)
+    want = jax.jit(ref)(q, kp, vp, lens, tables, cu)
     if native:
         got = cpu_kernels.paged_attention(q, kp, vp, lens, tables, cu, 5, sm_scale=0.125)
     else:
         meta = _split_meta(kv_lens, q_lens, tables, q.shape[0])
-        got = split_paged_attention(q, kp, vp, meta, sm_scale=0.125)
-    assert not bool(jnp.isnan(got).any())
+        split = lambda q, kp, vp, meta: split_paged_attention(q, kp, vp, meta, sm_scale=0.125)
+        got = jax.jit(split)(q, kp, vp, meta)
+    assert not np.isnan(np.asarray(got)).any()
     assert max_err(got, want) <= 2e-5
 
 
@@ -328,7 +332,7 @@ def test_native_paged_attention_shapes(kv_heads, group, dim, page, kv_lens, q_le
         pytest.skip("no C++ compiler: the native kernel is not built")
     s = len(kv_lens)
     args = ragged_inputs(kv_heads * group, kv_heads, dim, page, kv_lens, q_lens, jnp.float32, pad=0)
-    want = ragged_paged_attention_reference(*args, s, sm_scale=dim**-0.5)
+    want = jax.jit(lambda *a: ragged_paged_attention_reference(*a, s, sm_scale=dim**-0.5))(*args)
     got = cpu_kernels.paged_attention(*args, s, sm_scale=dim**-0.5)
     assert max_err(got, want) <= 2e-5
 
