@@ -193,13 +193,19 @@ def test_f16_attention_equals_numpy():
 def cached_logits(model, ids) -> np.ndarray:
     """float32 logits [T, V] of one prefill written through a KV cache of the model's
     kv_cache_dtype (as generation runs)."""
+    from flax import nnx
+
     from jaxllm.model import init_cache
 
     t = len(ids)
     cache = init_cache(model.config, 1, t, getattr(model, "kv_cache_dtype", None) or jnp.float32)
-    mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    out, _ = model(jnp.asarray([ids]), jnp.arange(t)[None], mask, cache, jnp.int32(0))
-    return np.asarray(out[0])
+
+    @nnx.jit  # one program: op by op, every eager jnp op on a new shape is its own XLA compile
+    def prefill(model, tokens, cache):
+        mask = jnp.tril(jnp.ones((t, t), bool))[None]
+        return model(tokens, jnp.arange(t)[None], mask, cache, jnp.int32(0))[0]
+
+    return np.asarray(prefill(model, jnp.asarray([ids]), cache)[0])
 
 
 @pytest.mark.slow
