@@ -371,18 +371,18 @@ def test_flash_attention_head_major_kv_and_traced_offset():
 
 
 def test_tpu_flash_forward_interpret():
-    q, k, v, do = qkv(1, 40, 200, 4, 2, 128, jnp.float32)
-    kw = dict(causal=True, sliding_window=70)
-    ours = lambda *a: flash_attention(
-        *a, platform="tpu", interpret=True, block_sizes=BlockSizes(block_q=16), **kw
-    )
-    ref = lambda *a: flash_attention_reference(*a, sm_scale=128**-0.5, **kw)
-    assert max_err(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v)) <= 2e-5
+    def check(q, k, v, block_sizes=None, **kw):
+        ours = lambda *a: flash_attention(
+            *a, platform="tpu", interpret=True, block_sizes=block_sizes, **kw
+        )
+        ref = lambda *a: flash_attention_reference(*a, sm_scale=128**-0.5, **kw)
+        assert max_err(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v)) <= 2e-5
+
+    q, k, v, _ = qkv(1, 40, 200, 4, 2, 128, jnp.float32)
+    check(q, k, v, BlockSizes(block_q=16), causal=True, sliding_window=70)
     seg = jnp.asarray(np.arange(64)[None] >= 30, jnp.int32)
     q, k, v, _ = qkv(1, 64, 64, 4, 4, 128, jnp.float32)
-    kw = dict(causal=False, segment_ids=seg)
-    ours = lambda *a: flash_attention(*a, platform="tpu", interpret=True, **kw)
-    assert max_err(jax.jit(ours)(q, k, v), jax.jit(ref)(q, k, v)) <= 2e-5
+    check(q, k, v, causal=False, segment_ids=seg)
 
 
 def test_tpu_paged_attention_interpret_reads_only_live_pages():
