@@ -17,6 +17,17 @@ def _compiler() -> bool:
     return shutil.which(os.environ.get("CXX", "g++")) is not None or bool(shutil.which("c++"))
 
 
+def _x86_flags() -> set[str] | None:
+    import platform
+
+    if platform.machine() != "x86_64":
+        return None
+    for line in open("/proc/cpuinfo").read().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
 @pytest.mark.skipif(
     jax.default_backend() != "cpu"
     or os.environ.get("JAXLLM_CPU_KERNELS", "1") == "0"
@@ -32,7 +43,6 @@ def test_ggml_exact_kernels_build():
     """`jaxllm.quant.ggml_exact` (recipe gguf-llamacpp) builds too; it runs where ggml's AVX2
     or AVX512 paths are what this compiler targets, and says so otherwise."""
     import ctypes
-    import platform
 
     from jaxllm.quant import ggml_exact
 
@@ -40,19 +50,8 @@ def test_ggml_exact_kernels_build():
     assert path is not None, "ggml_exact.cc did not build: see the [jaxllm] message"
     lanes = ctypes.cdll.LoadLibrary(str(path)).JaxllmGgmlLanes()
     assert ggml_exact.available() == (lanes > 0)
-    if platform.machine() == "x86_64" and "avx2" in open("/proc/cpuinfo").read():
+    if "avx2" in (_x86_flags() or ()):
         assert lanes in (808, 1616), lanes
-
-
-def _x86_flags() -> set[str] | None:
-    import platform
-
-    if platform.machine() != "x86_64":
-        return None
-    for line in open("/proc/cpuinfo").read().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return None
 
 
 @pytest.mark.skipif(
